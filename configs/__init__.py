@@ -1,0 +1,1 @@
+"""ml_collections configs for denseflow-jax; every module exposes `get_config()`."""

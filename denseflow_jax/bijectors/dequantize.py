@@ -1,0 +1,153 @@
+"""Dequantization: integer images -> continuous values in [0, 1)."""
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from denseflow_jax.bijectors.base import (Array, Bijector, check_image, std_normal_log_prob,
+                                          sum_except_batch)
+from denseflow_jax.bijectors.conv1x1 import Conv1x1
+from denseflow_jax.bijectors.coupling import AffineCoupling
+from denseflow_jax.bijectors.elementwise import _sigmoid_fn
+from denseflow_jax.bijectors.squeeze import squeeze2x2, unsqueeze2x2
+from denseflow_jax.nets.coupling_nets import ConditionalCouplingNet, ContextNet
+
+
+def log_bin_width(num_bits: int) -> float:
+  """`-num_bits * ln 2` rounded to float32, as the published model stores it (a float32 buffer)."""
+  return float(np.float32(-num_bits * np.log(2.0)))
+
+
+def check_integer_images(x: Array, name: str) -> None:
+  """ValueError unless `x` is a rank-4 integer array."""
+  check_image(x, name)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f'{name}: expected integer images (e.g. uint8), got dtype {x.dtype}')
+
+
+def floor_to_bins(y: Array, num_bits: int) -> Array:
+  """`floor(y * 2^bits)` clipped to `[0, 2^bits - 1]`, as int32."""
+  bins = 2 ** num_bits
+  return jnp.clip(jnp.floor(y * bins), 0, bins - 1).astype(jnp.int32)
+
+
+class UniformDequantization(Bijector):
+  """`y = (x + u) / 2^bits` with `u ~ U(0, 1)^D` (`noise` rng, or `u` passed in).
+
+  Forward `log_det = -D ln(2^bits)` (the lower-bound term with `q(u|x) = 1`). Inverse floors and
+  clips to `[0, 2^bits - 1]` (int32) and returns `+D ln(2^bits)`.
+  """
+  num_bits: int = 8
+
+  @nn.compact
+  def __call__(self, x: Array, inverse: bool = False, *, u: Optional[Array] = None,
+               dtype=jnp.float32, **unused: Any) -> Tuple[Array, Array]:
+    d = int(np.prod(x.shape[1:]))
+    ldj = log_bin_width(self.num_bits)
+    if inverse:
+      check_image(x, 'UniformDequantization.inverse')
+      return floor_to_bins(x, self.num_bits), jnp.full((x.shape[0],), -d * ldj, x.dtype)
+    check_integer_images(x, 'UniformDequantization')
+    if u is None:
+      u = jax.random.uniform(self.make_rng('noise'), x.shape, dtype)
+    y = (x.astype(dtype) + u.astype(dtype)) / (2 ** self.num_bits)
+    return y, jnp.full((x.shape[0],), d * ldj, dtype)
+
+
+class VariationalDequantization(Bijector):
+  """Flow++-style variational dequantization `y = (x + u) / 2^bits`, `u ~ q(u | x)`.
+
+  `q(u|x)` is a conditional flow on the squeezed shape `(H/2, W/2, 4C)`: a per-channel Gaussian
+  base (learned `base_loc`, `base_log_scale`), `steps` x [1x1 conv, conditional affine coupling
+  whose net sees `concat(z1, context(x))`], a final 1x1 conv, unsqueeze and a sigmoid.
+  Forward: `log_det = D * ln_bin - log q(u|x)` with `ln_bin = -bits ln 2` rounded to float32
+  (as published). `eps` (the base's standard-normal draw, `(N, H/2, W/2, 4C)`) comes from the
+  `noise` rng or is passed in. `return_u=True` also returns `(u, log q(u|x))`.
+  Inverse floors and clips to `[0, 2^bits - 1]`; given the integer image as `x_int` it also
+  evaluates `log q(u|x)` exactly (by inverting q) and returns the negated forward log-det.
+  """
+  num_bits: int = 8
+  steps: int = 4
+  context_channels: int = 64
+
+  @nn.compact
+  def __call__(self, x: Array, inverse: bool = False, *, eps: Optional[Array] = None,
+               x_int: Optional[Array] = None, return_u: bool = False, dtype=jnp.float32,
+               **unused: Any):
+    c4 = 4 * x.shape[-1]  # channels of the squeezed shape on which q runs
+    parts = dict(
+        context_net=ContextNet(self.num_bits, self.context_channels, name='context_net'),
+        loc=self.param('base_loc', nn.initializers.zeros, (c4,)),
+        log_scale=self.param('base_log_scale', nn.initializers.zeros, (c4,)),
+        mixers=[Conv1x1(name=f'mix_{k}') for k in range(self.steps + 1)],
+        couplings=[AffineCoupling(ConditionalCouplingNet(2 * (c4 // 2)), name=f'coupling_{k}')
+                   for k in range(self.steps)])
+    if inverse:
+      check_image(x, 'VariationalDequantization.inverse')
+      x_out = floor_to_bins(x, self.num_bits)
+      d = int(np.prod(x.shape[1:]))
+      if x_int is None:
+        return x_out, jnp.zeros((x.shape[0],), x.dtype)
+      u = x * (2 ** self.num_bits) - x_int.astype(x.dtype)
+      _, log_q = _run_q(parts, x_int, u=u, dtype=x.dtype)
+      return x_out, -(d * log_bin_width(self.num_bits) - log_q)
+    check_integer_images(x, 'VariationalDequantization')
+    n, h, w, c = x.shape
+    if h % 2 or w % 2:
+      raise ValueError(f'VariationalDequantization: height and width must be even, got shape '
+                       f'{x.shape}')
+    base_shape = (n, h // 2, w // 2, 4 * c)
+    if eps is None:
+      eps = jax.random.normal(self.make_rng('noise'), base_shape, dtype)
+    elif eps.shape != base_shape:
+      raise ValueError(f'VariationalDequantization: eps has shape {eps.shape}, expected '
+                       f'{base_shape}')
+    u, log_q = _run_q(parts, x, eps=eps.astype(dtype), dtype=dtype)
+    y = (x.astype(dtype) + u) / (2 ** self.num_bits)
+    d = h * w * c
+    ld = d * log_bin_width(self.num_bits) - log_q
+    if return_u:
+      return y, ld, (u, log_q)
+    return y, ld
+
+
+def _run_q(parts: dict, x_int: Array, eps: Optional[Array] = None, u: Optional[Array] = None,
+         dtype=jnp.float32) -> Tuple[Array, Array]:
+  """q in the sampling direction (eps -> `(u, log q)`) or, given u, `(eps, log q(u|x))`."""
+  n, h, w, c = x_int.shape
+  c4 = 4 * c
+  c2 = c4 // 2
+  context = parts['context_net'](x_int, dtype)
+  loc = parts['loc'].astype(dtype)
+  log_scale = parts['log_scale'].astype(dtype)
+  hw = (h // 2) * (w // 2)
+  base_ld = hw * jnp.sum(log_scale)
+  mixers, couplings = parts['mixers'], parts['couplings']
+  steps = len(couplings)
+  if u is None:  # sampling direction: eps -> z -> u
+    z = loc + jnp.exp(log_scale) * eps
+    log_q = sum_except_batch(std_normal_log_prob(eps)) - base_ld
+    for k in range(steps):
+      z, ld = mixers[k](z)
+      log_q -= ld
+      z, ld = couplings[k](z, context=context)
+      log_q -= ld
+    z, ld = mixers[steps](z)
+    log_q -= ld
+    u, ld = _sigmoid_fn(unsqueeze2x2(z), inverse=False)
+    return u, log_q - ld
+  z, ld_sig = _sigmoid_fn(u, inverse=True)          # logit
+  z = squeeze2x2(z)
+  log_q = -ld_sig
+  z, ld = mixers[steps](z, inverse=True)
+  log_q += ld
+  for k in reversed(range(steps)):
+    z, ld = couplings[k](z, inverse=True, context=context)
+    log_q += ld
+    z, ld = mixers[k](z, inverse=True)
+    log_q += ld
+  eps = (z - loc) * jnp.exp(-log_scale)
+  log_q += sum_except_batch(std_normal_log_prob(eps)) - base_ld
+  return eps, log_q

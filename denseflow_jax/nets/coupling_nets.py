@@ -1,0 +1,115 @@
+"""Conditioner networks for the affine couplings and the cross-unit noise nets."""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from denseflow_jax.nets.attention import NystromAttention
+from denseflow_jax.nets.dense_block import DenseBlock
+from denseflow_jax.nets.layers import Array, BatchNorm, Conv1x1, Conv2x2Stride2, Conv3x3
+
+
+class DenseAttentionFusion(nn.Module):
+  """Dense block || Nystrom attention on the same `m`-channel map, fused.
+
+  `concat(attention(h), dense(h))` -> BatchNorm -> ReLU -> 1x1 conv `2m -> m` (no bias).
+  """
+  mid_channels: int
+  dense_depth: int = 7
+  dense_growth: int = 64
+  num_landmarks: int = 4
+  pinv_iterations: int = 6
+  attention_layout: str = 'published'
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, h: Array, train: bool = False) -> Array:
+    m = self.mid_channels
+    att = NystromAttention(m, self.num_landmarks, self.pinv_iterations, self.attention_layout,
+                           name='attention')(h)
+    dense = DenseBlock(m, self.dense_depth, self.dense_growth, name='dense')(h)
+    fused = jnp.concatenate([att, dense], axis=-1)
+    fused = nn.relu(BatchNorm(self.bn_momentum, self.bn_epsilon, name='bn')(fused, train=train))
+    return Conv1x1(m, use_bias=False, name='mix')(fused)
+
+
+class DenseFlowCouplingNet(nn.Module):
+  """DenseFlow's coupling network: 1x1 `c_in -> m`, dense||attention fusion, zero-init 1x1.
+
+  Input `(N, H, W, c_in)`; output `(N, H, W, out_channels)` (interleaved scale, shift). The last
+  conv is zero-initialised so every coupling starts as the identity.
+  """
+  out_channels: int
+  mid_channels: int
+  dense_depth: int = 7
+  dense_growth: int = 64
+  num_landmarks: int = 4
+  pinv_iterations: int = 6
+  attention_layout: str = 'published'
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    h = Conv1x1(self.mid_channels, name='proj')(x)
+    h = DenseAttentionFusion(self.mid_channels, self.dense_depth, self.dense_growth,
+                             self.num_landmarks, self.pinv_iterations, self.attention_layout,
+                             self.bn_momentum, self.bn_epsilon, name='fusion')(h, train=train)
+    return Conv1x1(self.out_channels, zero_init=True, name='out')(h)
+
+
+class GlowCouplingNet(nn.Module):
+  """Glow's coupling network (ablation): 3x3 -> ReLU -> 1x1 -> ReLU -> zero-init 3x3."""
+  out_channels: int
+  hidden: int = 512
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    h = nn.relu(Conv3x3(self.hidden, name='conv_in')(x))
+    h = nn.relu(Conv1x1(self.hidden, name='conv_mid')(h))
+    return Conv3x3(self.out_channels, zero_init=True, name='conv_out')(h)
+
+
+class NoiseNet(nn.Module):
+  """Cross-unit noise net g: 3x3 conv `c -> 4c` (bias) -> ReLU -> zero-init 1x1 `4c -> 2k`.
+
+  Output channels `[mu (k), s (k)]` as consecutive halves. No BatchNorm.
+  """
+  growth: int
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    h = nn.relu(Conv3x3(4 * x.shape[-1], name='conv_in')(x))
+    return Conv1x1(2 * self.growth, zero_init=True, name='conv_out')(h)
+
+
+class ContextNet(nn.Module):
+  """Dequantizer context net on integer images `(N, H, W, C)` -> `(N, H/2, W/2, channels)`.
+
+  `2x / (2^bits - 1) - 1`, dense block `C -> channels` (depth 4, growth 16, gated),
+  2x2 stride-2 conv, dense block `channels -> channels` (same pattern). No residuals.
+  """
+  num_bits: int = 8
+  channels: int = 64
+  depth: int = 4
+  growth: int = 16
+
+  @nn.compact
+  def __call__(self, x: Array, dtype=jnp.float32) -> Array:
+    h = 2.0 * x.astype(dtype) / (2 ** self.num_bits - 1) - 1.0
+    h = DenseBlock(self.channels, self.depth, self.growth, name='dense_in')(h)
+    h = Conv2x2Stride2(self.channels, name='down')(h)
+    return DenseBlock(self.channels, self.depth, self.growth, name='dense_out')(h)
+
+
+class ConditionalCouplingNet(nn.Module):
+  """Dequantizer coupling net: 1x1 `-> 64`, residual dense block (depth 4, growth 64), zero 1x1."""
+  out_channels: int
+  mid_channels: int = 64
+  depth: int = 4
+  growth: int = 64
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    h = Conv1x1(self.mid_channels, name='proj')(x)
+    h = DenseBlock(self.mid_channels, self.depth, self.growth, residual=True, name='dense')(h)
+    return Conv1x1(self.out_channels, zero_init=True, name='out')(h)

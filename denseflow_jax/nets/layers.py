@@ -1,0 +1,149 @@
+"""Convolution layers written for XLA:CPU speed (see the README's performance notes).
+
+1x1 convolutions are 2-D matmuls on `(N*H*W, C)` views; the 3x3 convolution keeps `lax.conv`
+for the forward pass and the input gradient but computes its weight gradient as one matmul
+(`conv3x3`'s custom VJP), which XLA:CPU runs much faster than its default lowering.
+Initialisation follows PyTorch's defaults for `nn.Conv2d` (uniform in +-1/sqrt(fan_in) for
+weights and biases), so training starts from the same distribution as the published model.
+"""
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def torch_uniform(fan_in: int) -> Callable[..., Array]:
+  """PyTorch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / (fan_in ** 0.5)
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def matmul_channels(x: Array, kernel: Array) -> Array:
+  """`y[..., o] = sum_i x[..., i] kernel[i, o]` via a 2-D `(prod(batch dims), C)` matmul."""
+  shape = x.shape
+  y = x.reshape(-1, shape[-1]) @ kernel
+  return y.reshape(shape[:-1] + (kernel.shape[-1],))
+
+
+class Conv1x1(nn.Module):
+  """1x1 convolution on channels-last input: `y = x @ kernel + bias`, kernel `(C_in, C_out)`."""
+  features: int
+  use_bias: bool = True
+  zero_init: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    w_init = nn.initializers.zeros if self.zero_init else torch_uniform(c)
+    kernel = self.param('kernel', w_init, (c, self.features)).astype(x.dtype)
+    y = matmul_channels(x, kernel)
+    if self.use_bias:
+      b_init = nn.initializers.zeros if self.zero_init else torch_uniform(c)
+      y = y + self.param('bias', b_init, (self.features,)).astype(x.dtype)
+    return y
+
+
+def _conv_same(x: Array, w: Array) -> Array:
+  return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@jax.custom_vjp
+def conv3x3(x: Array, w: Array) -> Array:
+  """3x3 'SAME' convolution, NHWC input, HWIO kernel, stride 1, no bias."""
+  return _conv_same(x, w)
+
+
+def _conv3x3_fwd(x, w):
+  return _conv_same(x, w), (x, w)
+
+
+def _conv3x3_bwd(res, g):
+  x, w = res
+  _, vjp_x = jax.vjp(lambda a: _conv_same(a, w), x)
+  (dx,) = vjp_x(g)
+  # dW[i, j, c, o] = sum_{n,h,w} x[n, h, w, c] * g[n, h - i + 1, w - j + 1, o]:
+  # stack the 9 shifted copies of the zero-padded gradient and contract over pixels at once.
+  n, h, wd, o = g.shape
+  gp = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  shifted = [gp[:, 2 - i:2 - i + h, 2 - j:2 - j + wd, :] for i in range(3) for j in range(3)]
+  gs = jnp.stack(shifted, axis=3).reshape(n * h * wd, 9 * o)
+  dw = x.reshape(n * h * wd, -1).T @ gs                      # (C, 9 * O)
+  dw = dw.reshape(x.shape[-1], 3, 3, o).transpose(1, 2, 0, 3)
+  return dx, dw.astype(w.dtype)
+
+
+conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+class Conv3x3(nn.Module):
+  """3x3 convolution, padding 1, stride 1, kernel HWIO `(3, 3, C_in, C_out)`."""
+  features: int
+  use_bias: bool = True
+  zero_init: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    w_init = nn.initializers.zeros if self.zero_init else torch_uniform(9 * c)
+    kernel = self.param('kernel', w_init, (3, 3, c, self.features)).astype(x.dtype)
+    y = conv3x3(x, kernel)
+    if self.use_bias:
+      b_init = nn.initializers.zeros if self.zero_init else torch_uniform(9 * c)
+      y = y + self.param('bias', b_init, (self.features,)).astype(x.dtype)
+    return y
+
+
+class Conv2x2Stride2(nn.Module):
+  """2x2 convolution with stride 2 (halves H and W), kernel HWIO `(2, 2, C_in, C_out)`."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1]
+    kernel = self.param('kernel', torch_uniform(4 * c), (2, 2, c, self.features)).astype(x.dtype)
+    bias = self.param('bias', torch_uniform(4 * c), (self.features,)).astype(x.dtype)
+    y = jax.lax.conv_general_dilated(x, kernel, (2, 2), 'VALID',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + bias
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over (N, H, W) per channel with PyTorch's semantics.
+
+  `train=True`: normalise with the batch mean and biased variance and update the running
+  averages (`batch_stats` collection: `mean`, `var`) as PyTorch does, including the unbiased
+  running variance: `running = momentum * running + (1 - momentum) * batch` (flax convention:
+  momentum 0.9 is PyTorch's 0.1). `train=False`: normalise with the running averages, a
+  deterministic function of the input. Under `jax.jit` with a sharded batch the statistics are
+  those of the global batch. Parameters `scale` (init 1) and `bias` (init 0).
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    c = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    scale = self.param('scale', nn.initializers.ones, (c,)).astype(x.dtype)
+    bias = self.param('bias', nn.initializers.zeros, (c,)).astype(x.dtype)
+    if train:
+      flat = x.reshape(-1, c)
+      mean = jnp.mean(flat, axis=0)
+      var = jnp.mean(jnp.square(flat - mean), axis=0)
+      if not self.is_initializing():
+        n = flat.shape[0]
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean).astype(
+            ra_mean.value.dtype)
+        unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
+        ra_var.value = m * ra_var.value + (1 - m) * unbiased.astype(ra_var.value.dtype)
+    else:
+      mean, var = ra_mean.value.astype(x.dtype), ra_var.value.astype(x.dtype)
+    return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
