@@ -104,7 +104,14 @@ class VariationalDequantization(Bijector):
     elif eps.shape != base_shape:
       raise ValueError(f'VariationalDequantization: eps has shape {eps.shape}, expected '
                        f'{base_shape}')
-    u, log_q = _run_q(parts, x, eps=eps.astype(dtype), dtype=dtype)
+    step_lds = []
+    u, log_q = _run_q(parts, x, eps=eps.astype(dtype), dtype=dtype, trace=step_lds)
+    # Diagnostics (no-ops unless 'intermediates' is mutable): per-step log|det| of q in the
+    # sampling direction eps -> u, index k = the published `encoder.transforms.k`
+    # (1x1 conv and coupling alternately, final 1x1 conv, unsqueeze (0), sigmoid).
+    self.sow('intermediates', 'step_log_dets', jnp.stack(step_lds))
+    self.sow('intermediates', 'u', u)
+    self.sow('intermediates', 'log_q', log_q)
     y = (x.astype(dtype) + u) / (2 ** self.num_bits)
     d = h * w * c
     ld = d * log_bin_width(self.num_bits) - log_q
@@ -114,8 +121,12 @@ class VariationalDequantization(Bijector):
 
 
 def _run_q(parts: dict, x_int: Array, eps: Optional[Array] = None, u: Optional[Array] = None,
-         dtype=jnp.float32) -> Tuple[Array, Array]:
-  """q in the sampling direction (eps -> `(u, log q)`) or, given u, `(eps, log q(u|x))`."""
+         dtype=jnp.float32, trace: Optional[list] = None) -> Tuple[Array, Array]:
+  """q in the sampling direction (eps -> `(u, log q)`) or, given u, `(eps, log q(u|x))`.
+
+  In the sampling direction, `trace` (a list) receives each step's log|det| `(N,)` in order.
+  """
+  trace = [] if trace is None else trace
   n, h, w, c = x_int.shape
   c4 = 4 * c
   c2 = c4 // 2
@@ -132,11 +143,15 @@ def _run_q(parts: dict, x_int: Array, eps: Optional[Array] = None, u: Optional[A
     for k in range(steps):
       z, ld = mixers[k](z)
       log_q -= ld
+      trace.append(ld)
       z, ld = couplings[k](z, context=context)
       log_q -= ld
+      trace.append(ld)
     z, ld = mixers[steps](z)
     log_q -= ld
+    trace.append(ld)
     u, ld = _sigmoid_fn(unsqueeze2x2(z), inverse=False)
+    trace.extend([jnp.zeros_like(ld), ld])
     return u, log_q - ld
   z, ld_sig = _sigmoid_fn(u, inverse=True)          # logit
   z = squeeze2x2(z)
