@@ -11,6 +11,7 @@ BatchNorm (coupling-net fusion only): `train=True` uses batch statistics and upd
 when sampling) uses the running averages, so `log_prob` in eval mode is a deterministic function
 of the input and the `noise` rng.
 """
+import functools
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -34,6 +35,21 @@ from denseflow_jax.nets.coupling_nets import DenseFlowCouplingNet, GlowCouplingN
 from denseflow_jax.config_check import ModelPlan, plan_model
 
 Latents = Dict[str, Any]
+
+
+def fast_rng(method):
+  """Traces `method` with non-partitionable threefry (`jax.threefry_partitionable(False)`).
+
+  With jax 0.12 on XLA:CPU the partitionable threefry lowering of `jax.random.normal` /
+  `uniform` compiles very slowly (about 6-9 s per draw shape here, against 0.3-0.5 s), which
+  made the tiny model's `init` compile take minutes. The flag only changes how random bits are
+  derived from a key; draws stay deterministic per key and independent of the device count.
+  """
+  @functools.wraps(method)
+  def wrapped(*args, **kwargs):
+    with jax.threefry_partitionable(False):
+      return method(*args, **kwargs)
+  return wrapped
 
 
 class GlowModule(nn.Module):
@@ -223,6 +239,7 @@ class DenseFlow(nn.Module):
     """Same as `log_prob`."""
     return self.log_prob(x, train=train, noise=noise)
 
+  @fast_rng
   def log_prob(self, x: Array, train: bool = False,
                noise: Optional[Dict[str, Array]] = None) -> Array:
     """Lower bound on log p(x) in nats, one noise draw, `(N,)`. `x`: integer `(N, H, W, C)`.
@@ -239,11 +256,13 @@ class DenseFlow(nn.Module):
     self.sow('intermediates', 'base_log_prob', base)
     return total + base
 
+  @fast_rng
   def bits_per_dim(self, x: Array, train: bool = False,
                    noise: Optional[Dict[str, Array]] = None) -> Array:
     """`-log_prob / (D ln 2)` per example, `(N,)` (D = H * W * C)."""
     return -self.log_prob(x, train=train, noise=noise) / (self.plan.num_dims * math.log(2.0))
 
+  @fast_rng
   def iwbo(self, x: Array, k: int, chunk: int = 0) -> Array:
     """Importance-weighted bound `logsumexp_i log p(x, noise_i) - log k` in nats, `(N,)`.
 
@@ -271,6 +290,7 @@ class DenseFlow(nn.Module):
     z, _, total, _ = self._forward(x, False, None)
     return total + self._base_log_prob(z)
 
+  @fast_rng
   def encode(self, x: Array, noise: Optional[Dict[str, Array]] = None) -> Latents:
     """Images -> latents `{'z': final latent, 'dropped': [dropped half of each transition]}`.
 
@@ -290,6 +310,7 @@ class DenseFlow(nn.Module):
     x, _ = self.dequantizer(y, inverse=True)
     return x.astype(jnp.uint8) if self.config.num_bits <= 8 else x
 
+  @fast_rng
   def decode(self, latents: Latents) -> Array:
     """Latents (as returned by `encode`) -> integer images `(N, H, W, C)` (uint8 for <= 8 bits)."""
     z = latents['z']
@@ -300,6 +321,7 @@ class DenseFlow(nn.Module):
     dropped = list(latents.get('dropped', [None] * len(self.transitions)))
     return self._inverse(z, dropped, 1.0)
 
+  @fast_rng
   def sample(self, num: int, temperature: float = 1.0) -> Array:
     """Draws `num` images `(num, H, W, C)` uint8 in one inverse pass.
 
@@ -314,3 +336,34 @@ class DenseFlow(nn.Module):
     z = self.base_loc.astype(dtype) + jnp.exp(self.base_log_scale.astype(dtype)) * (
         temperature * eps)
     return self._inverse(z, [None] * len(self.transitions), temperature)
+
+
+def init_variables(model: DenseFlow, rng: jax.Array, x: Array) -> Dict[str, Any]:
+  """`model.init` compiled for a fast compile: `{'params', 'batch_stats'}` from the batch `x`.
+
+  The init program runs once, so it is compiled with XLA's backend optimisation level 0 (its
+  compile time is dominated by the ~hundreds of random initialisers, not by run time). ActNorm
+  is initialised from `x` (data-dependent init). `rng` is split into the `params` and `noise`
+  streams. Equivalent to `model.init({'params': k1, 'noise': k2}, x)`.
+  """
+  k_params, k_noise = jax.random.split(rng)
+  rngs = {'params': k_params, 'noise': k_noise}
+  with jax.threefry_partitionable(False):
+    lowered = jax.jit(model.init).lower(rngs, x)
+  compiled = lowered.compile(compiler_options={'xla_backend_optimization_level': 0})
+  return dict(compiled(rngs, x))
+
+
+def enable_compilation_cache(path: Optional[str] = None) -> str:
+  """Turns on JAX's persistent compilation cache (default `~/.cache/denseflow_jax/xla`).
+
+  DenseFlow's programs take tens of seconds to compile on CPU; with the cache a second run
+  (or a second process, e.g. a restarted training job) loads them from disk.
+  """
+  import os
+  path = path or os.environ.get('DENSEFLOW_JAX_CACHE',
+                                os.path.expanduser('~/.cache/denseflow_jax/xla'))
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  return path
