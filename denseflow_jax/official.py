@@ -65,11 +65,12 @@ Common random numbers
   `reference_noise(npz)` does this for the `noise/...` entries of a reference trace.
 
 Converted model directories
-  `save_converted(workdir, config, variables, buffers, ...)` writes
-  `workdir/config.json` (the experiment config), `workdir/checkpoints/<step>/` (an orbax
-  `StandardCheckpointer` checkpoint of `{'params', 'batch_stats'}`), and
-  `workdir/official/{buffers.npz, args.json, source.json}`; `load_converted(workdir)` reads them
-  back. `experiments/convert_official.py` is the command-line entry point.
+  `save_converted(workdir, config, variables, buffers, ...)` writes the training workdir layout
+  without the training state: `workdir/config.json` (the experiment config) and
+  `workdir/checkpoints/<step>/{params,batch_stats}/` (orbax `CheckpointManager` items, each a
+  `StandardSave` pytree), plus `workdir/official/{buffers.npz, args.json, source.json}`;
+  `load_converted(workdir)` reads them back. `experiments/convert_official.py` is the
+  command-line entry point.
 """
 import argparse
 import collections
@@ -828,21 +829,26 @@ def save_converted(workdir: str, config: ml_collections.ConfigDict, variables: V
                    source: Optional[Mapping[str, Any]] = None) -> str:
   """Writes a converted model into `workdir`; returns the checkpoint directory.
 
-  Layout: `workdir/config.json` (`config.to_json()`), `workdir/checkpoints/<step>/` (orbax
-  `StandardCheckpointer`, the pytree `{'params': ..., 'batch_stats': ...}` of float32 arrays),
-  and `workdir/official/`: `buffers.npz` (published-name buffers for a bit-exact export),
-  `args.json` (the published command line), `source.json` (file, sha256, epoch).
+  Layout (the training workdir's, minus the training state):
+    `workdir/config.json`                   the experiment config (`config.to_json`)
+    `workdir/checkpoints/<step>/params/`    orbax `CheckpointManager` item (`StandardSave`)
+    `workdir/checkpoints/<step>/batch_stats/`  same, BatchNorm running statistics
+    `workdir/official/buffers.npz`          published buffers without a variable (bit-exact export)
+    `workdir/official/args.json`            the published command line
+    `workdir/official/source.json`          source file, sha256, epoch
   """
   import orbax.checkpoint as ocp
   workdir = os.path.abspath(workdir)
   os.makedirs(os.path.join(workdir, 'official'), exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json(indent=2))
-  tree = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  ckpt_dir = os.path.join(workdir, 'checkpoints', str(int(step)))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(ckpt_dir, tree)
-  checkpointer.wait_until_finished()
+    f.write(config.to_json(indent=2, sort_keys=True))
+  items = {'params': ocp.args.StandardSave(variables['params'])}
+  if variables.get('batch_stats'):
+    items['batch_stats'] = ocp.args.StandardSave(variables['batch_stats'])
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+  manager.wait_until_finished()
+  manager.close()
   save_state_dict_npz(os.path.join(workdir, 'official', 'buffers.npz'), dict(buffers or {}))
   if args is not None:
     with open(os.path.join(workdir, 'official', 'args.json'), 'w') as f:
@@ -850,12 +856,15 @@ def save_converted(workdir: str, config: ml_collections.ConfigDict, variables: V
   if source is not None:
     with open(os.path.join(workdir, 'official', 'source.json'), 'w') as f:
       json.dump(_jsonable(source), f, indent=2)
-  return ckpt_dir
+  return os.path.join(workdir, 'checkpoints', str(int(step)))
 
 
 def load_converted(workdir: str, step: Optional[int] = None
                    ) -> Tuple[ml_collections.ConfigDict, Variables, Dict[str, np.ndarray]]:
-  """Reads what `save_converted` wrote: `(config, variables, buffers)` (latest step if None)."""
+  """Reads what `save_converted` wrote: `(config, variables, buffers)` (newest step if None).
+
+  Also reads a step directory that is itself one `{'params', 'batch_stats'}` pytree checkpoint.
+  """
   import orbax.checkpoint as ocp
   workdir = os.path.abspath(workdir)
   with open(os.path.join(workdir, 'config.json')) as f:
@@ -865,12 +874,20 @@ def load_converted(workdir: str, step: Optional[int] = None
   config = ml_collections.ConfigDict(raw)
   root = os.path.join(workdir, 'checkpoints')
   if step is None:
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit())
+    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
     if not steps:
       raise OfficialCheckpointError(f'{root}: no checkpoints')
     step = steps[-1]
-  variables = ocp.StandardCheckpointer().restore(os.path.join(root, str(int(step))))
+  step_dir = os.path.join(root, str(int(step)))
+  checkpointer = ocp.StandardCheckpointer()
+  if os.path.isdir(os.path.join(step_dir, 'params')):
+    variables = {'params': checkpointer.restore(os.path.join(step_dir, 'params'))}
+    if os.path.isdir(os.path.join(step_dir, 'batch_stats')):
+      variables['batch_stats'] = checkpointer.restore(os.path.join(step_dir, 'batch_stats'))
+  else:
+    variables = dict(checkpointer.restore(step_dir))
   variables = {k: _plain(v) for k, v in variables.items()}
+  variables.setdefault('batch_stats', {})
   buffers_path = os.path.join(workdir, 'official', 'buffers.npz')
   buffers = dict(load_state_dict_npz(buffers_path)) if os.path.exists(buffers_path) else {}
   return config, variables, buffers

@@ -6,7 +6,8 @@
 needed. `OUT` receives (see `denseflow_jax.official.save_converted`):
 
   OUT/config.json                   experiment config (model from args.pickle, data set, IWBO k)
-  OUT/checkpoints/<step>/           orbax StandardCheckpointer: {'params', 'batch_stats'}
+  OUT/checkpoints/<step>/params/    orbax CheckpointManager items (StandardSave pytrees), the
+  OUT/checkpoints/<step>/batch_stats/   layout of a training workdir without its training state
   OUT/official/buffers.npz          published buffers without a flax variable (bit-exact export)
   OUT/official/args.json            the published training command line
   OUT/official/source.json          source file, its sha256, epoch, state_dict size

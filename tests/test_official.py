@@ -362,9 +362,19 @@ def test_converter_writes_a_loadable_workdir(loaded, tmp_path):
   proc = subprocess.run([sys.executable, script, f'--model={MODEL_DIR}', f'--workdir={out}'],
                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert (out / 'config.json').exists() and (out / 'checkpoints' / '0').is_dir()
+  assert (out / 'config.json').exists()
+  assert (out / 'checkpoints' / '0' / 'params').is_dir()
+  assert (out / 'checkpoints' / '0' / 'batch_stats').is_dir()
   config, variables, buffers = official.load_converted(str(out))
   assert_trees_identical(variables, loaded.variables)
+  try:   # the project's workdir reader (used by evaluate / sample), where present
+    from denseflow_jax import checkpoint as workdir_checkpoint
+  except ImportError:
+    workdir_checkpoint = None
+  if hasattr(workdir_checkpoint, 'load_variables'):
+    step, restored = workdir_checkpoint.load_variables(str(out))
+    assert step == 0
+    assert_trees_identical(jax.tree.map(np.asarray, restored), loaded.variables)
   assert set(buffers) == set(loaded.buffers)
   assert tuple(config.model.block_conf) == (2, 2, 1)
   # A second conversion into the same step refuses to overwrite.
