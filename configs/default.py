@@ -80,4 +80,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.iwbo_chunk = 50
   config.eval.num_samples = 64
   config.eval.temperature = 1.0
+  config.eval.at_start = False      # also evaluate and sample before the first step
   return config

@@ -1,0 +1,16 @@
+"""Table-4 ablation row (CIFAR-10, DenseFlow-45-6, 300 epochs): glow coupling,
+augmentation with plain N(0, I) noise.
+
+Paper: 3.40 bpd. The six rows are configs/ablation_{glow,denseflow}_{noaug,aug,aug_precond}.py.
+"""
+from configs import denseflow_45_6
+
+
+def get_config():
+  """DenseFlow-45-6 with coupling='glow', augment=True, noise='plain'."""
+  config = denseflow_45_6.get_config()
+  config.model.coupling = 'glow'
+  config.model.augment = True
+  config.model.noise = 'plain'
+  config.train.num_epochs = 300
+  return config

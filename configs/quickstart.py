@@ -1,0 +1,44 @@
+"""Offline quickstart: a small DenseFlow on the bundled 8x8 digits (5 bits), a few CPU minutes.
+
+`python experiments/train.py --config configs/quickstart.py --workdir /tmp/denseflow_quickstart`
+needs no download. At 8x8 only two blocks fit (after the initial squeeze the blocks work at
+4x4 and 2x2; the Nystrom attention needs H*W divisible by 4 landmarks), so the model is
+DenseFlow with blocks (2, 1), modules (2, 2), width 16, growth 4 and slimmer dense blocks and
+dequantizer than the paper's.
+"""
+from configs import default
+
+
+def get_config():
+  """Quickstart config: digits, two-block small DenseFlow, 1500 steps of batch 64."""
+  config = default.get_config()
+  m = config.model
+  m.image_size, m.num_channels, m.num_bits = 8, 1, 5
+  m.block_conf = (2, 1)
+  m.layers_conf = (2, 2)
+  m.mid_channels = (16, 16)
+  m.growth_rate = 4
+  m.dense_depth = 2
+  m.dense_growth = 16
+  m.deq_context_channels = 16
+  m.deq_steps = 2
+
+  config.data.dataset = 'digits'
+  config.data.hflip = False         # digits are not mirror-symmetric
+  config.data.translate = 0.0
+
+  t = config.train
+  t.batch_size = 64
+  t.num_steps = 1500
+  t.warmup_steps = 100
+  t.decay_rate = 0.99               # ~23 steps per epoch at batch 64
+  t.log_every = 50
+  t.checkpoint_every = 500
+  t.eval_every = 500
+
+  config.eval.batch_size = 64
+  config.eval.at_start = True
+  config.eval.num_samples = 64
+  config.eval.iwbo_k = 100
+  config.eval.iwbo_chunk = 25
+  return config

@@ -1,0 +1,113 @@
+"""Workdir artifacts written by process 0: metrics history, sample grids, the bpd curve.
+
+  <workdir>/metrics.jsonl          one JSON object per logged step: {"step": s, "<name>": v}
+  <workdir>/samples/step_<s>.png   sample grid at each evaluation
+  <workdir>/bpd_curve.png          train and test bits/dim against the step
+"""
+import json
+import math
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+
+METRICS_FILE = 'metrics.jsonl'
+CURVE_FILE = 'bpd_curve.png'
+SAMPLES_DIR = 'samples'
+
+
+def to_uint8(images: np.ndarray, num_bits: int) -> np.ndarray:
+  """Integer images in [0, 2^num_bits - 1] -> uint8 in [0, 255] (same shape)."""
+  images = np.asarray(images).astype(np.float64)
+  top = 2 ** num_bits - 1
+  return np.clip(np.round(images * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, num_bits: int = 8, columns: int = 0,
+               padding: int = 1) -> np.ndarray:
+  """(N, H, W, C) integer images -> one uint8 (rows*(H+p)+p, cols*(W+p)+p, C) grid image."""
+  images = to_uint8(images, num_bits)
+  if images.ndim != 4:
+    raise ValueError(f'image_grid expects (N, H, W, C), got shape {images.shape}')
+  n, h, w, c = images.shape
+  columns = columns or max(1, int(math.ceil(math.sqrt(n))))
+  rows = int(math.ceil(n / columns))
+  grid = np.full((rows * (h + padding) + padding, columns * (w + padding) + padding, c), 255,
+                 np.uint8)
+  for i in range(n):
+    r, col = divmod(i, columns)
+    top, left = padding + r * (h + padding), padding + col * (w + padding)
+    grid[top:top + h, left:left + w] = images[i]
+  return grid
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  """Writes uint8 (H, W, C) with C in {1, 3} as a PNG (atomically)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  image = image[..., 0] if image.shape[-1] == 1 else image
+  tmp = f'{path}.tmp{os.getpid()}.png'
+  Image.fromarray(image).save(tmp)
+  os.replace(tmp, path)
+
+
+def save_sample_grid(path: str, images: np.ndarray, num_bits: int) -> None:
+  """Integer samples (N, H, W, C) -> PNG grid at `path`."""
+  save_png(path, image_grid(images, num_bits))
+
+
+def append_metrics(workdir: str, step: int, metrics: Dict[str, float]) -> None:
+  """Appends {"step": step, **metrics} to `<workdir>/metrics.jsonl`."""
+  row = {'step': int(step)}
+  row.update({k: float(v) for k, v in metrics.items()})
+  with open(os.path.join(workdir, METRICS_FILE), 'a') as f:
+    f.write(json.dumps(row) + '\n')
+
+
+def read_metrics(workdir: str) -> List[Dict[str, float]]:
+  """All rows of `<workdir>/metrics.jsonl` (empty if absent; a torn last line is skipped)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.isfile(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return rows
+
+
+def metric_curve(rows: List[Dict[str, float]], name: str) -> Dict[int, float]:
+  """step -> value of `name`; after a resume the newest row for a step wins."""
+  return {int(r['step']): float(r[name]) for r in rows if name in r}
+
+
+def plot_bpd_curve(workdir: str, path: Optional[str] = None) -> Optional[str]:
+  """Plots train and test bits/dim from the metrics history; returns the PNG path (or None)."""
+  rows = read_metrics(workdir)
+  curves = {'train bpd': metric_curve(rows, 'train_bpd'), 'test bpd': metric_curve(
+      rows, 'test_bpd')}
+  if not any(curves.values()):
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, curve in curves.items():
+    if curve:
+      steps = sorted(curve)
+      ax.plot(steps, [curve[s] for s in steps], marker='o' if label == 'test bpd' else None,
+              markersize=3, label=label)
+  ax.set_xlabel('step')
+  ax.set_ylabel('bits/dim')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  path = path or os.path.join(workdir, CURVE_FILE)
+  tmp = f'{path}.tmp{os.getpid()}.png'
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path

@@ -1,0 +1,79 @@
+r"""Trains DenseFlow: `python experiments/train.py --config configs/quickstart.py --workdir DIR`.
+
+Any config field can be overridden: `--config.train.batch_size=32`; a field that does not
+exist is an error. Config variants: `--config configs/cifar10.py:finetune`. Rerunning the same
+command resumes from the newest valid checkpoint in DIR. Every visible device is used (the
+global batch is split over them). Several hosts: start one process per host with
+`--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (or the environment
+variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+
+Exit status: 0 done, 2 invalid config or data, 3 stopped on non-finite losses, 130 stopped by
+SIGINT/SIGTERM after saving a checkpoint.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, samples.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', '',
+                                   'host:port of process 0 for a multi-host run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Processes in a multi-host run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process in a multi-host run.')
+_VERBOSE_CHECKPOINTING = flags.DEFINE_bool('verbose_checkpointing', False,
+                                           'Keep orbax INFO logs (hidden by default).')
+_CACHE = flags.DEFINE_bool('compilation_cache', True, 'Use the persistent XLA compilation '
+                            'cache (DENSEFLOW_JAX_CACHE, default ~/.cache/denseflow_jax/xla).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def validate(config, workdir: str):
+  """All checks that can fail before compiling: model plan, devices, data vs model, workdir."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from denseflow_jax import checkpoint, data, train  # pylint: disable=g-import-not-at-top
+  train.validate_config(config, jax.device_count())
+  data.make_data(config, jax.process_index(), jax.process_count())
+  if os.path.isfile(checkpoint.config_path(workdir)):
+    diffs = checkpoint.model_differences(checkpoint.load_config(workdir), config)
+    if diffs:
+      raise ValueError(f'{checkpoint.config_path(workdir)} holds a run with a different model '
+                       f'({"; ".join(diffs)}); resume with the saved config or use a new '
+                       '--workdir')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from denseflow_jax import checkpoint, parallel  # pylint: disable=g-import-not-at-top
+  if not _VERBOSE_CHECKPOINTING.value:
+    checkpoint.quiet_orbax_logs()
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if _CACHE.value:
+    from denseflow_jax.model import enable_compilation_cache  # pylint: disable=g-import-not-at-top
+    logging.info('persistent compilation cache: %s', enable_compilation_cache())
+  from denseflow_jax import train  # pylint: disable=g-import-not-at-top
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:
+    validate(config, workdir)
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  try:
+    train.train_and_evaluate(config, workdir)
+  except train.NonFiniteError as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(3)
+  except train.TrainingInterrupted as e:
+    logging.warning('%s', e)
+    print(str(e), file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,210 @@
+"""Tests for denseflow_jax.train: schedule, optimizer, the train step's non-finite handling,
+the stop after consecutive non-finite steps, config checks, artifacts.
+
+The model is a micro DenseFlow on the 8x8 digits (one block, one module per unit, width 4,
+uniform dequantization) so that compiles stay short.
+"""
+import json
+import os
+
+import jax
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import quickstart
+from denseflow_jax import artifacts, checkpoint, parallel, train
+from denseflow_jax.data import make_data
+from denseflow_jax.nets.layers import BatchNorm
+
+
+def micro_config(**train_fields):
+  """Quickstart data with a micro model; cheap to compile."""
+  config = quickstart.get_config()
+  m = config.model
+  m.block_conf, m.layers_conf, m.mid_channels = (2,), (1,), (4,)
+  m.growth_rate, m.dense_depth, m.dense_growth = 2, 1, 4
+  m.dequantization = 'uniform'
+  t = config.train
+  t.batch_size, t.num_steps, t.warmup_steps = 16, 8, 0
+  t.log_every, t.checkpoint_every, t.eval_every = 1, 2, 0
+  config.eval.at_start, config.eval.num_samples = False, 0
+  t.update(train_fields)
+  return config
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_learning_rate_schedule_values():
+  config = micro_config(lr=1e-3, warmup_steps=100, decay_rate=0.5)
+  schedule = train.learning_rate_schedule(config, steps_per_epoch=40)
+  expected = {0: 0.0, 50: 5e-4, 99: 9.9e-4, 100: 1e-3, 139: 1e-3, 140: 5e-4,
+              100 + 3 * 40 - 1: 2.5e-4, 100 + 3 * 40: 1.25e-4, 100 + 10 * 40 + 5: 1e-3 / 1024}
+  for step, lr in expected.items():
+    np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-6, atol=1e-12,
+                               err_msg=f'step {step}')
+
+
+def test_learning_rate_schedule_without_warmup_and_public_behaviour():
+  schedule = train.learning_rate_schedule(micro_config(warmup_steps=0, decay_rate=0.5), 10)
+  assert float(schedule(0)) == pytest.approx(1e-3)
+  assert float(schedule(9)) == pytest.approx(1e-3)
+  assert float(schedule(10)) == pytest.approx(5e-4)
+  constant = train.learning_rate_schedule(micro_config(warmup_steps=5, decay_rate=1.0), 10)
+  assert float(constant(2)) == pytest.approx(4e-4)
+  assert float(constant(5000)) == pytest.approx(1e-3)  # decay_rate 1: the public code
+
+
+def test_num_train_steps():
+  assert train.num_train_steps(micro_config(num_steps=7), 93) == 7
+  config = micro_config(num_steps=0)
+  config.train.num_epochs = 3
+  assert train.num_train_steps(config, 93) == 279
+
+
+def test_optimizer_is_clipped_adamax_with_injected_lr():
+  config = micro_config(lr=1e-2, grad_clip_norm=1.0)
+  tx = train.make_optimizer(config)
+  reference = optax.chain(optax.clip_by_global_norm(1.0), optax.adamax(1e-2, 0.9, 0.999))
+  params = {'w': jnp.ones(3)}
+  state, ref_state = tx.init(params), reference.init(params)
+  for g in ([3.0, -4.0, 0.5], [0.1, 0.2, -0.3]):
+    grads = {'w': jnp.asarray(g)}
+    updates, state = tx.update(grads, state, params)
+    ref_updates, ref_state = reference.update(grads, ref_state, params)
+    np.testing.assert_allclose(updates['w'], ref_updates['w'], rtol=1e-6)
+  half = train._with_learning_rate(state, 5e-3)
+  updates, _ = tx.update({'w': jnp.ones(3)}, half, params)
+  ref_updates, _ = reference.update({'w': jnp.ones(3)}, ref_state, params)
+  np.testing.assert_allclose(updates['w'], 0.5 * ref_updates['w'], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+class ToyFlow(nn.Module):
+  """A stand-in with DenseFlow's method names: BatchNorm statistics and a `noise` rng draw.
+
+  Enough to exercise the train step's skip logic without compiling a flow.
+  """
+  config: ml_collections.ConfigDict
+
+  def setup(self):
+    self.norm = BatchNorm(name='norm')
+    self.log_scale = self.param('log_scale', nn.initializers.zeros, (1,))
+
+  def __call__(self, x, train: bool = False):
+    return self.log_prob(x, train)
+
+  def log_prob(self, x, train: bool = False):
+    h = x.astype(jnp.float32) / 31.0 + 0.01 * jax.random.normal(self.make_rng('noise'), x.shape)
+    h = self.norm(h, train=train) * jnp.exp(self.log_scale)
+    return -0.5 * jnp.sum(h * h, axis=(1, 2, 3)) + 64 * self.log_scale[0]
+
+  def bits_per_dim(self, x, train: bool = False):
+    return -self.log_prob(x, train) / (64 * np.log(2.0))
+
+
+def test_train_step_skips_nonfinite_update():
+  config = micro_config()
+  mesh = parallel.make_mesh()
+  model = ToyFlow(config.model)
+  tx = train.make_optimizer(config)
+  schedule = train.learning_rate_schedule(config, 93)
+  data = make_data(config)
+  batches = data.train_batches(0)
+  init_fn = train.make_init_fn(model, tx, config, mesh)
+  step_fn = train.make_train_step(model, tx, schedule, mesh, nonfinite_steps=[1, 2])
+  state = init_fn(parallel.shard_batch(next(iter(data.train_batches(0))), mesh))
+  history = []
+  for _ in range(4):
+    state, metrics = step_fn(state, parallel.shard_batch(next(batches), mesh))
+    history.append((jax.tree.map(np.array, (state.params, state.batch_stats, state.opt_state)),
+                    jax.tree.map(np.asarray, metrics), int(state.step)))
+  assert [bool(m['finite']) for _, m, _ in history] == [True, False, False, True]
+  assert [int(m['nonfinite']) for _, m, _ in history] == [0, 1, 2, 0]
+  assert [s for _, _, s in history] == [1, 2, 3, 4]
+  assert np.isnan(history[1][1]['loss'])
+  for skipped in (1, 2):  # params, BatchNorm statistics and optimizer state unchanged
+    same = jax.tree.map(np.array_equal, history[0][0], history[skipped][0])
+    assert all(jax.tree.leaves(same))
+  for part in range(3):  # the next finite step updates all three
+    same = jax.tree.map(np.array_equal, history[0][0][part], history[3][0][part])
+    assert not all(jax.tree.leaves(same)), part
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(history[3][0]))
+  np.testing.assert_allclose(history[3][1]['learning_rate'], schedule(3))
+
+
+def test_stops_after_consecutive_nonfinite_and_keeps_last_good_checkpoint(tmp_path):
+  config = micro_config(num_steps=20, checkpoint_every=1, max_consecutive_nonfinite=4)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train.NonFiniteError, match='4 consecutive training steps'):
+    train.train_and_evaluate(config, workdir, nonfinite_steps=range(3, 20))
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
+                 if s.isdigit())
+  assert steps[-1] == 3  # steps 0..2 were finite; nothing is saved during the streak
+  _, variables = checkpoint.load_variables(workdir)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+  rows = artifacts.read_metrics(workdir)
+  assert [r['skipped_steps'] for r in rows if r['step'] > 3] == [1.0] * 4
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def test_validate_config_messages():
+  with pytest.raises(ValueError, match='train.batch_size=6 is not divisible by the device '
+                     'count 4'):
+    train.validate_config(micro_config(batch_size=6), num_devices=4)
+  config = micro_config()
+  config.eval.iwbo_k, config.eval.iwbo_chunk = 10, 3
+  with pytest.raises(ValueError, match='iwbo_k=10 .* divisible by eval.iwbo_chunk=3'):
+    train.validate_config(config, num_devices=1)
+  with pytest.raises(ValueError, match='batch_size=2000 is larger than the training set '
+                     r'\(1500 images'):
+    make_data(micro_config(batch_size=2000))
+  config = micro_config()
+  config.model.block_conf, config.model.layers_conf, config.model.mid_channels = (
+      (1, 1, 1), (1, 1, 1), (4, 4, 4))
+  with pytest.raises(ValueError, match='block 2 works at 1x1'):
+    train.validate_config(config, num_devices=1)
+
+
+def test_saved_config_conflict_is_refused(tmp_path, caplog):
+  workdir = str(tmp_path)
+  checkpoint.check_and_save_config(micro_config(), workdir)
+  saved = json.load(open(os.path.join(workdir, 'config.json')))
+  assert saved['model']['block_conf'] == [2]
+  other = micro_config()
+  other.model.growth_rate = 4
+  with pytest.raises(ValueError, match=r'different model \(model.growth_rate: 2 -> 4\)'):
+    checkpoint.check_and_save_config(other, workdir)
+  longer = micro_config(num_steps=50)
+  longer.model.remat = True  # implementation-only field: allowed
+  checkpoint.check_and_save_config(longer, workdir)
+  assert 'train.num_steps: 8 -> 50' in caplog.text
+  assert checkpoint.load_config(workdir).train.num_steps == 50
+  assert checkpoint.load_config(workdir).model.block_conf == (2,)
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def test_image_grid_and_bpd_curve(tmp_path):
+  images = np.arange(5 * 2 * 3).reshape(5, 2, 3, 1) % 32
+  grid = artifacts.image_grid(images.astype(np.uint8), num_bits=5, columns=3, padding=1)
+  assert grid.shape == (2 * 3 + 1, 3 * 4 + 1, 1) and grid.dtype == np.uint8
+  assert grid[1, 1, 0] == 0 and grid[1 + 1, 1 + 2, 0] == round(5 * 255 / 31)
+  artifacts.save_sample_grid(str(tmp_path / 's.png'), images.astype(np.uint8), 5)
+  assert artifacts.plot_bpd_curve(str(tmp_path)) is None
+  for step, bpd in ((1, 5.0), (2, 4.0), (2, 3.5)):
+    artifacts.append_metrics(str(tmp_path), step, {'train_bpd': bpd})
+  artifacts.append_metrics(str(tmp_path), 2, {'test_bpd': 3.9})
+  assert artifacts.metric_curve(artifacts.read_metrics(str(tmp_path)), 'train_bpd') == {
+      1: 5.0, 2: 3.5}
+  path = artifacts.plot_bpd_curve(str(tmp_path))
+  assert os.path.getsize(path) > 1000
