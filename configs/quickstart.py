@@ -10,7 +10,7 @@ from configs import default
 
 
 def get_config():
-  """Quickstart config: digits, two-block small DenseFlow, 1500 steps of batch 64."""
+  """Quickstart config: digits, two-block small DenseFlow, 1500 steps of batch 32."""
   config = default.get_config()
   m = config.model
   m.image_size, m.num_channels, m.num_bits = 8, 1, 5
@@ -28,10 +28,10 @@ def get_config():
   config.data.translate = 0.0
 
   t = config.train
-  t.batch_size = 64
-  t.num_steps = 1500
+  t.batch_size = 32
+  t.num_steps = 1500                # 32 epochs of the 1500 training digits
   t.warmup_steps = 100
-  t.decay_rate = 0.99               # ~23 steps per epoch at batch 64
+  t.decay_rate = 0.99               # per epoch (46 steps at batch 32)
   t.log_every = 50
   t.checkpoint_every = 500
   t.eval_every = 500

@@ -276,9 +276,20 @@ def _step_dirs(directory: str) -> List[int]:
 
 
 def _restore_tree(path: str, target: Optional[PyTree]) -> PyTree:
+  """Restores a pytree item; without a target, onto this process's first device.
+
+  (A checkpoint written on another device topology cannot be restored without a target, so
+  the target is then built from the stored shapes and dtypes.)
+  """
   with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(path, target) if target is not None else checkpointer.restore(
-        path)
+    if target is None:
+      metadata = checkpointer.metadata(path)
+      tree = getattr(metadata, 'item_metadata', metadata)
+      tree = getattr(tree, 'tree', tree)
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            tree)
+    return checkpointer.restore(path, target)
 
 
 def _restore_variables(step_dir: str, abstract: Optional[Dict[str, PyTree]]) -> Dict[str, PyTree]:

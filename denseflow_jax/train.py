@@ -27,8 +27,9 @@ Semantics:
 - Non-finite loss or gradient: the update is skipped inside the jitted step (params,
   optimizer state and BatchNorm statistics keep their values, the step counter advances to the
   next batch); `max_consecutive_nonfinite` skips in a row stop training with
-  `NonFiniteError`, leaving the last checkpoint (written from a finite state) in place.
-  Checkpoints are never written from a non-finite state.
+  `NonFiniteError`, leaving the last checkpoint (written after a finite update) in place: no
+  periodic checkpoint is written during a run of skipped steps, and none from a non-finite
+  state.
 - ActNorm data-dependent init: `model.init` on the first training batch (global batch, so the
   statistics are the same on every device and host).
 - Fine-tuning: `config.train.init_from = '<workdir of a trained run>'` loads its newest
@@ -470,6 +471,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         artifacts.plot_bpd_curve(workdir)
         writer.flush()
 
+    if start >= total_steps:
+      logging.info('%s already holds the final checkpoint (step %d): nothing to train', workdir,
+                   start)
     if start == 0 and config.eval.get('at_start', False):
       run_eval(0)
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,

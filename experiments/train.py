@@ -32,6 +32,23 @@ _CACHE = flags.DEFINE_bool('compilation_cache', True, 'Use the persistent XLA co
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def parse_flags(argv):
+  """absl flag parsing with one-line errors (bad values, --config overrides of missing fields)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError) as e:  # raised by ConfigDict for an unknown field
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    message = str(e.args[0] if e.args else e).replace('\n', ' ')
+    overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    print(f'error: a --config override names a field that the config does not have: {message} '
+          f'(overrides given: {", ".join(overrides)})', file=sys.stderr)
+    sys.exit(2)
+
+
 def validate(config, workdir: str):
   """All checks that can fail before compiling: model plan, devices, data vs model, workdir."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -49,6 +66,13 @@ def validate(config, workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  try:
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    # A config file that failed to load raises on first use.
+    config.model  # pylint: disable=pointless-statement
+  except OSError as e:
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(2)
   from denseflow_jax import checkpoint, parallel  # pylint: disable=g-import-not-at-top
   if not _VERBOSE_CHECKPOINTING.value:
     checkpoint.quiet_orbax_logs()
@@ -57,10 +81,9 @@ def main(argv):
     from denseflow_jax.model import enable_compilation_cache  # pylint: disable=g-import-not-at-top
     logging.info('persistent compilation cache: %s', enable_compilation_cache())
   from denseflow_jax import train  # pylint: disable=g-import-not-at-top
-  config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     validate(config, workdir)
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
+  except (ValueError, OSError, RuntimeError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   try:
@@ -76,4 +99,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,124 @@
+"""Experiment configs: every file plans and validates, the SPEC section-5 training facts, the
+Table-4 ablation rows, and experiments/train.py's handling of overrides and bad configs."""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from denseflow_jax import checkpoint, train
+from denseflow_jax.config_check import plan_model
+from denseflow_jax.data import make_data
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ('default', 'tiny', 'quickstart', 'cifar10', 'imagenet32', 'imagenet64', 'celeba',
+           'denseflow_45_6', 'denseflow_74_10', 'ablation_glow_noaug', 'ablation_glow_aug',
+           'ablation_glow_aug_precond', 'ablation_denseflow_noaug', 'ablation_denseflow_aug',
+           'ablation_denseflow_aug_precond')
+
+
+def load(name, *args):
+  return importlib.import_module(f'configs.{name}').get_config(*args)
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_plans_and_validates(name):
+  config = load(name)
+  plan_model(config.model)
+  train.validate_config(config, num_devices=1)
+
+
+@pytest.mark.parametrize('name,batch,epochs,gamma,k,size,translate', [
+    ('cifar10', 64, 580, 0.9975, 1000, 32, 0.04),
+    ('imagenet32', 64, 20, 0.95, 200, 32, 0.04),
+    ('imagenet64', 32, 10, 0.95, 200, 64, 0.04),
+    ('celeba', 32, 50, 0.95, 200, 64, 0.0),
+])
+def test_spec_training_facts(name, batch, epochs, gamma, k, size, translate):
+  config = load(name)
+  t = config.train
+  assert (t.batch_size, t.num_epochs, t.decay_rate, t.num_steps) == (batch, epochs, gamma, 0)
+  assert (t.lr, t.b1, t.b2, t.warmup_steps) == (1e-3, 0.9, 0.999, 5000)
+  assert config.eval.iwbo_k == k and config.data.dataset == name
+  assert config.model.image_size == size and config.data.hflip
+  assert config.data.translate == translate
+  assert tuple(config.model.block_conf) == (6, 4, 1)  # DenseFlow-74-10
+  assert plan_model(config.model).latent_shape == (size // 8, size // 8, 308)
+
+
+@pytest.mark.parametrize('name,extra_epochs', [('cifar10', 70), ('imagenet32', 2),
+                                               ('imagenet64', 1), ('celeba', 5)])
+def test_finetune_variants(name, extra_epochs, tmp_path):
+  config = load(name, 'finetune')
+  t = config.train
+  assert (t.lr, t.warmup_steps, t.decay_rate, t.num_epochs) == (2e-5, 0, 1.0, extra_epochs)
+  with pytest.raises(ValueError, match='train.init_from must be set for fine-tuning'):
+    train.validate_config(config, num_devices=1)
+  config.train.init_from = str(tmp_path)
+  with pytest.raises(ValueError, match='has no checkpoints/ directory'):
+    train.validate_config(config, num_devices=1)
+  os.makedirs(tmp_path / 'checkpoints')
+  train.validate_config(config, num_devices=1)
+  with pytest.raises(ValueError, match="unknown variant 'fine'"):
+    load(name, 'fine')
+
+
+@pytest.mark.parametrize('name,coupling,augment,noise', [
+    ('ablation_glow_noaug', 'glow', False, None),
+    ('ablation_glow_aug', 'glow', True, 'plain'),
+    ('ablation_glow_aug_precond', 'glow', True, 'preconditioned'),
+    ('ablation_denseflow_noaug', 'denseflow', False, None),
+    ('ablation_denseflow_aug', 'denseflow', True, 'plain'),
+    ('ablation_denseflow_aug_precond', 'denseflow', True, 'preconditioned'),
+])
+def test_ablation_rows(name, coupling, augment, noise):
+  config = load(name)
+  m = config.model
+  assert (tuple(m.block_conf), tuple(m.layers_conf), m.growth_rate) == ((5, 3, 1), (3, 5, 15), 6)
+  assert (m.coupling, m.augment) == (coupling, augment)
+  if noise:
+    assert m.noise == noise
+  assert config.train.num_epochs == 300 and config.data.dataset == 'cifar10'
+  channels = plan_model(m).latent_shape[-1]
+  assert channels == (168 if augment else 48)
+
+
+def test_quickstart_fits_the_digits():
+  config = load('quickstart')
+  data = make_data(config)
+  assert (data.image_size, data.num_channels, data.num_bits) == (8, 1, 5)
+  plan = plan_model(config.model)
+  assert [b.size for b in plan.blocks] == [4, 2]  # two blocks: 4x4 and 2x2 (4 landmarks)
+  assert not config.data.hflip and config.eval.at_start
+
+
+def _train_cli(*args):
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'experiments', 'train.py'),
+                         '--config', os.path.join(REPO_ROOT, 'configs', 'quickstart.py'),
+                         *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_rejects_unknown_field(tmp_path):
+  result = _train_cli(f'--workdir={tmp_path}', '--config.train.no_such_field=1')
+  assert result.returncode != 0
+  assert 'no_such_field' in result.stderr
+  assert not os.path.exists(tmp_path / 'config.json')
+
+
+def test_cli_override_reaches_validation(tmp_path):
+  result = _train_cli(f'--workdir={tmp_path}', '--config.train.batch_size=4096')
+  assert result.returncode == 2
+  assert ('error: config.train.batch_size=4096 is larger than the training set (1500 images '
+          "of 'digits')") in result.stderr
+  assert not os.path.exists(tmp_path / 'config.json')
+
+
+def test_cli_refuses_workdir_of_another_model(tmp_path):
+  checkpoint.save_config(load('quickstart'), str(tmp_path))
+  result = _train_cli(f'--workdir={tmp_path}', '--config.model.growth_rate=8')
+  assert result.returncode == 2
+  assert ('holds a run with a different model (model.growth_rate: 4 -> 8); resume with the '
+          'saved config or use a new --workdir') in result.stderr
