@@ -28,7 +28,6 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any

@@ -46,17 +46,26 @@ PyTree = Any
 
 
 def initialize_distributed(coordinator_address: str = '', num_processes: int = 0,
-                           process_id: int = -1, cpu_collectives: str = 'gloo') -> bool:
-  """Starts multi-host JAX when a coordinator is given; returns True if it did.
+                           process_id: int = -1, cpu_collectives: str = 'gloo',
+                           auto: bool = False) -> bool:
+  """Starts multi-host JAX when a coordinator is given (or `auto`); returns True if it did.
 
   Arguments fall back to the environment variables `JAX_COORDINATOR_ADDRESS` (host:port of
-  process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`. With no coordinator this is a
-  single-process run and nothing happens. On CPU, cross-process collectives use
-  `cpu_collectives` ('gloo'; 'mpi' needs an MPI install). Must run before any other JAX call.
+  process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`. `auto=True` with no coordinator lets
+  `jax.distributed.initialize()` detect the cluster (Cloud TPU, SLURM, Open MPI). Otherwise,
+  with no coordinator this is a single-process run and nothing happens. On CPU, cross-process
+  collectives use `cpu_collectives` ('gloo'; 'mpi' needs an MPI install). Must run before any
+  other JAX call.
   """
   address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', '')
   if not address:
-    return False
+    if not auto:
+      return False
+    jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
+    jax.distributed.initialize()
+    logging.info('jax.distributed (auto-detected): process %d of %d', jax.process_index(),
+                 jax.process_count())
+    return True
   if num_processes <= 0:
     num_processes = int(os.environ.get('JAX_NUM_PROCESSES', '0'))
   if process_id < 0:

@@ -5,7 +5,8 @@ exist is an error. Config variants: `--config configs/cifar10.py:finetune`. Reru
 command resumes from the newest valid checkpoint in DIR. Every visible device is used (the
 global batch is split over them). Several hosts: start one process per host with
 `--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (or the environment
-variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); on Cloud TPU, SLURM or
+Open MPI, `--auto_distributed` lets jax.distributed detect them.
 
 Exit status: 0 done, 2 invalid config or data, 3 stopped on non-finite losses, 130 stopped by
 SIGINT/SIGTERM after saving a checkpoint.
@@ -25,6 +26,8 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', '',
                                    'host:port of process 0 for a multi-host run.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Processes in a multi-host run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process in a multi-host run.')
+_AUTO_DISTRIBUTED = flags.DEFINE_bool('auto_distributed', False, 'Let jax.distributed detect a '
+                                      'cluster (Cloud TPU, SLURM, Open MPI) without a coordinator.')
 _VERBOSE_CHECKPOINTING = flags.DEFINE_bool('verbose_checkpointing', False,
                                            'Keep orbax INFO logs (hidden by default).')
 _CACHE = flags.DEFINE_bool('compilation_cache', True, 'Use the persistent XLA compilation '
@@ -76,7 +79,8 @@ def main(argv):
   from denseflow_jax import checkpoint, parallel  # pylint: disable=g-import-not-at-top
   if not _VERBOSE_CHECKPOINTING.value:
     checkpoint.quiet_orbax_logs()
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  auto=_AUTO_DISTRIBUTED.value)
   if _CACHE.value:
     from denseflow_jax.model import enable_compilation_cache  # pylint: disable=g-import-not-at-top
     logging.info('persistent compilation cache: %s', enable_compilation_cache())
