@@ -1,0 +1,329 @@
+"""Per-component timing of DenseFlow's train step (microbenchmarks, not a profiler trace).
+
+  python experiments/profile_components.py --config=configs/tiny.py --batch_sizes=8,64 \
+      [--xla_flags] --out=/tmp/profile.json
+
+`jax.profiler` traces miss XLA:CPU's asynchronous dots and oneDNN calls, so this script times
+each network of the model on its own, at the shapes and counts it has inside the train step:
+forward alone and forward + backward (gradients for the parameters and the float input, as in
+the train step; BatchNorm in train mode), each jitted separately, median of `--steps` calls.
+It prints, per batch size, a table with the FLOPs of every part (matmul + conv FLOPs from the
+jaxpr, as in benchmark.py), the achieved GFLOP/s against the matmul peak measured in the same
+process, and how much of the whole train step the parts explain; plus per-op timings of the
+dense block's layers (1x1 matmuls, the 3x3 conv's forward, input gradient and weight
+gradient) and the minor page faults per train step. Flags are shared with benchmark.py.
+"""
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any, Callable, Dict, List
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark  # pylint: disable=g-import-not-at-top  (its flags: --config, --steps, ...)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum('variant', 'current', ['current', 'conv_dx_fwd'],
+                  'current: the package as it is. conv_dx_fwd: the 3x3 conv\'s input gradient '
+                  'computed as a forward conv with the flipped, transposed kernel (HWIO), '
+                  'patched into denseflow_jax.nets.layers for this process only.')
+
+
+flags.DEFINE_bool('parts', True, 'Time the parts; false: only the whole train step and forward.')
+
+
+def conv3x3_dx_fwd_variant():
+  """`conv3x3` whose backward computes dx as a canonical forward conv (the proposal)."""
+  import jax
+  import jax.numpy as jnp
+  from denseflow_jax.nets import layers
+
+  def bwd(res, g):
+    x, w = res
+    dx = layers._conv_same(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))  # pylint: disable=protected-access
+    _, dw = layers._conv3x3_bwd((x, w), g)  # pylint: disable=protected-access  (dx unused: DCE)
+    return dx, dw
+
+  conv = jax.custom_vjp(lambda x, w: layers._conv_same(x, w))  # pylint: disable=protected-access
+  conv.defvjp(lambda x, w: (layers._conv_same(x, w), (x, w)), bwd)  # pylint: disable=protected-access
+  return conv, bwd
+
+
+def apply_variant():
+  if FLAGS.variant == 'conv_dx_fwd':
+    from denseflow_jax.nets import layers
+    layers.conv3x3, _ = conv3x3_dx_fwd_variant()
+
+
+def _median(fn: Callable[[], Any], steps: int, warmup: int) -> float:
+  for _ in range(warmup + 1):
+    fn()
+  return benchmark.median_time(fn, steps)['median_s']
+
+
+def _faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class Profiler:
+  """Collects rows `{name, count, fwd_s, fwdbwd_s, gflop_fwdbwd, ...}` for one batch size."""
+
+  def __init__(self, peak_gflop_s: float):
+    self.peak = peak_gflop_s
+    self.rows: List[Dict[str, Any]] = []
+
+  def module(self, name: str, count: int, module, x, *, float_input: bool = True,
+             train: bool = None, extra: Dict[str, Any] = None, parent: str = '') -> Dict:
+    """Times `module.apply(variables, x, **extra)` forward and forward + backward."""
+    import jax
+    import jax.numpy as jnp
+    extra = dict(extra or {})
+    if train is not None:
+      extra['train'] = train
+    rngs = {'params': jax.random.key(0), 'noise': jax.random.key(1)}
+    variables = jax.jit(lambda x: module.init(rngs, x, **extra))(x)
+    params = variables['params']
+    rest = {k: v for k, v in variables.items() if k != 'params'}
+    mutable = list(rest) if train else False
+
+    def fwd(params, x):
+      out = module.apply({'params': params, **rest}, x, rngs={'noise': jax.random.key(2)},
+                         mutable=mutable, **extra)
+      return out[0] if mutable else out
+
+    out_shape = jax.eval_shape(fwd, params, x)
+    cot = jax.tree_util.tree_map(
+        lambda sd: jax.random.normal(jax.random.key(3), sd.shape, sd.dtype), out_shape)
+
+    def fwdbwd(params, x, cot):  # the backward pass for a given output cotangent
+      if float_input:
+        return jax.vjp(fwd, params, x)[1](cot)
+      return jax.vjp(lambda p: fwd(p, x), params)[1](cot)
+
+    fb = jax.jit(fwdbwd)
+    fw = jax.jit(fwd)
+    flops_fb = benchmark.count_flops(jax.make_jaxpr(fwdbwd)(params, x, cot))
+    flops_f = benchmark.count_flops(jax.make_jaxpr(fwd)(params, x))
+    fw_c = fw.lower(params, x).compile()
+    fb_c = fb.lower(params, x, cot).compile()
+    t_f = _median(lambda: jax.block_until_ready(fw_c(params, x)), FLAGS.steps, FLAGS.warmup)
+    t_fb = _median(lambda: jax.block_until_ready(fb_c(params, x, cot)), FLAGS.steps, FLAGS.warmup)
+    return self.add(name, count, t_f, t_fb, (flops_f['dot'] + flops_f['conv']) / 1e9,
+                    (flops_fb['dot'] + flops_fb['conv']) / 1e9, parent=parent,
+                    shape=tuple(x.shape))
+
+  def add(self, name, count, fwd_s, fwdbwd_s, gflop_f, gflop_fb, parent='', shape=()):
+    row = {'name': name, 'count': count, 'parent': parent, 'shape': list(shape),
+           'fwd_s': fwd_s, 'fwdbwd_s': fwdbwd_s, 'gflop_fwd': gflop_f,
+           'gflop_fwdbwd': gflop_fb,
+           'frac_peak_fwd': gflop_f / fwd_s / self.peak if fwd_s else None,
+           'frac_peak_fwdbwd': gflop_fb / fwdbwd_s / self.peak if fwdbwd_s else None,
+           'total_fwdbwd_s': count * fwdbwd_s}
+    self.rows.append(row)
+    print(f"  {name:<44} x{count:<2} fwd {1e3 * fwd_s:8.1f} ms  fwd+bwd {1e3 * fwdbwd_s:8.1f} ms "
+          f"{gflop_fb:7.2f} GFLOP  {100 * (row['frac_peak_fwdbwd'] or 0):5.1f}% of peak",
+          flush=True)
+    return row
+
+
+def dense_layer_ops(prof: Profiler, batch: int, size: int, mid: int, depth: int, growth: int):
+  """Each dense layer's matmuls and convs alone, with donated outputs (no fresh buffers)."""
+  import jax
+  import jax.numpy as jnp
+  from denseflow_jax.nets.layers import _conv3x3_bwd, _conv_same
+  if FLAGS.variant == 'conv_dx_fwd':
+    _, _conv3x3_bwd = conv3x3_dx_fwd_variant()
+  rows = []
+  key = jax.random.key(0)
+  p = batch * size * size
+  for i in range(depth):
+    c = mid + i * growth
+    x2 = jax.random.normal(key, (p, c), jnp.float32)
+    w1 = jax.random.normal(key, (c, c), jnp.float32) * 0.05
+    x4 = x2.reshape(batch, size, size, c)
+    w3 = jax.random.normal(key, (3, 3, c, growth), jnp.float32) * 0.05
+    g4 = jax.random.normal(key, (batch, size, size, growth), jnp.float32)
+
+    def timed(fn, args, out_like):
+      f = jax.jit(lambda *a: fn(*a[:-1]), donate_argnums=(len(args),))
+      buf = [jax.tree_util.tree_map(jnp.zeros_like, out_like)]
+      comp = f.lower(*args, buf[0]).compile()
+
+      def call():
+        buf[0] = comp(*args, buf[0])
+        jax.block_until_ready(buf[0])
+      return _median(call, FLAGS.steps, FLAGS.warmup)
+
+    mm = timed(lambda a, b: a @ b, (x2, w1), x2)                 # 1x1 fwd / input grad
+    mm_w = timed(lambda a, g: a.T @ g, (x2, x2), w1)             # 1x1 weight grad
+    cf = timed(_conv_same, (x4, w3), g4)                         # 3x3 fwd
+    cb = timed(lambda x, w, g: _conv3x3_bwd((x, w), g), (x4, w3, g4), (x4, w3))  # 3x3 bwd
+    f1 = 2.0 * p * c * c / 1e9
+    f3 = 2.0 * p * 9 * c * growth / 1e9
+    rows.append({'layer': i, 'channels': c, 'mm_fwd_s': mm, 'mm_wgrad_s': mm_w,
+                 'conv_fwd_s': cf, 'conv_bwd_s': cb, 'gflop_1x1': f1, 'gflop_3x3': f3,
+                 'ops_fwdbwd_s': 2 * mm + mm_w + cf + cb})
+    print(f'    layer {i} c={c:<4} 1x1 fwd {1e3 * mm:6.1f} ms ({f1 / mm / prof.peak:4.0%})'
+          f' wgrad {1e3 * mm_w:6.1f} ({f1 / mm_w / prof.peak:4.0%}) | 3x3 fwd {1e3 * cf:6.1f}'
+          f' ({f3 / cf / prof.peak:4.0%}) bwd {1e3 * cb:6.1f} ({2 * f3 / cb / prof.peak:4.0%})',
+          flush=True)
+  return rows
+
+
+def profile_batch(batch: int, peak: float) -> Dict[str, Any]:
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from denseflow_jax.bijectors.dequantize import VariationalDequantization
+  from denseflow_jax.config_check import plan_model
+  from denseflow_jax.model import DenseFlow, Unit, init_variables
+  from denseflow_jax.nets import (ConditionalCouplingNet, ContextNet, DenseBlock,
+                                  DenseFlowCouplingNet, NoiseNet, NystromAttention)
+
+  cfg = benchmark._model_config()  # pylint: disable=protected-access
+  plan = plan_model(cfg)
+  prof = Profiler(peak)
+  key = jax.random.key(0)
+  print(f'batch {batch}', flush=True)
+
+  # The whole train step (as in benchmark.py) and the forward pass alone.
+  model = DenseFlow(cfg)
+  x_int = jnp.asarray(benchmark._images(cfg, batch, 0))  # pylint: disable=protected-access
+  variables = init_variables(model, key, x_int)
+  params, bstats = variables['params'], variables['batch_stats']
+  tx = optax.adamax(1e-3)
+  opt_state = tx.init(params)
+
+  def loss_fn(p, bs, x, rng):
+    bpd, mut = model.apply({'params': p, 'batch_stats': bs}, x, train=True, rngs={'noise': rng},
+                           mutable=['batch_stats'], method=DenseFlow.bits_per_dim)
+    return jnp.mean(bpd), mut['batch_stats']
+
+  def step(state, x):
+    p, bs, o, s = state
+    rng = jax.random.fold_in(key, s)
+    (l, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(p, bs, x, rng)
+    u, o = tx.update(g, o, p)
+    return (optax.apply_updates(p, u), bs, o, s + 1), l
+
+  state = (params, bstats, opt_state, jnp.zeros((), jnp.int32))
+  step_c = jax.jit(step, donate_argnums=(0,)).lower(state, x_int).compile()
+  flops_step = benchmark.count_flops(jax.make_jaxpr(step)(state, x_int))
+  holder = [state]
+
+  def call():
+    holder[0], l = step_c(holder[0], x_int)
+    jax.block_until_ready((holder[0], l))
+
+  for _ in range(FLAGS.warmup + 1):
+    call()
+  f0 = _faults()
+  t_step = benchmark.median_time(call, FLAGS.steps)['median_s']
+  faults = (_faults() - f0) / max(FLAGS.steps, 1)
+  params, bstats, opt_state, _ = holder[0]  # the originals were donated
+  fwd_c = jax.jit(lambda p, bs, x: loss_fn(p, bs, x, key)[0]).lower(params, bstats,
+                                                                    x_int).compile()
+  flops_fwd = benchmark.count_flops(jax.make_jaxpr(lambda p, bs, x: loss_fn(p, bs, x, key)[0])(
+      params, bstats, x_int))
+  t_fwd = _median(lambda: jax.block_until_ready(fwd_c(params, bstats, x_int)), FLAGS.steps,
+                  FLAGS.warmup)
+  gb = lambda f: (f['dot'] + f['conv']) / 1e9
+  whole = prof.add('WHOLE train step (fwd+bwd+adamax)', 1, t_fwd, t_step, gb(flops_fwd),
+                   gb(flops_step), shape=x_int.shape)
+  whole['minor_faults_per_step'] = faults
+  print(f'  minor page faults per train step: {faults:.0f} ({faults * 4096 / 2**20:.0f} MiB)')
+
+  if not FLAGS.parts:
+    return {'batch': batch, 'rows': prof.rows, 'step_s': t_step, 'minor_faults_per_step': faults}
+
+  # The optimizer update alone.
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  upd = jax.jit(lambda g, o, p: (lambda u, o2: (optax.apply_updates(p, u), o2))(
+      *tx.update(g, o, p)), donate_argnums=(1, 2))
+  upd_c = upd.lower(grads, opt_state, params).compile()
+  ost = [opt_state, params]
+
+  def call_upd():
+    p2, o2 = upd_c(grads, ost[0], ost[1])
+    ost[0], ost[1] = o2, p2
+    jax.block_until_ready((o2, p2))
+  prof.add('adamax update', 1, 0.0, _median(call_upd, FLAGS.steps, FLAGS.warmup), 0.0, 0.0)
+
+  # Dequantizer and its parts.
+  h2, w2 = cfg.image_size // 2, cfg.image_size // 2
+  c4 = 4 * cfg.num_channels
+  eps = jax.random.normal(key, (batch, h2, w2, c4), jnp.float32)
+  deq = VariationalDequantization(cfg.num_bits, cfg.deq_steps, cfg.deq_context_channels)
+  prof.module('dequantizer (all)', 1, deq, x_int, float_input=False, extra={'eps': eps})
+  prof.module('  context net', 1, ContextNet(cfg.num_bits, cfg.deq_context_channels), x_int,
+              float_input=False, parent='dequantizer (all)')
+  ccn_in = jax.random.normal(key, (batch, h2, w2, c4 - c4 // 2 + cfg.deq_context_channels))
+  prof.module('  conditional coupling net', cfg.deq_steps,
+              ConditionalCouplingNet(2 * (c4 // 2)), ccn_in, parent='dequantizer (all)')
+
+  # Flow units, their coupling nets (and the dense block and attention inside), noise nets.
+  for b, bp in enumerate(plan.blocks):
+    s, m, mods = bp.size, cfg.mid_channels[b], cfg.layers_conf[b]
+    for j, cu in enumerate(bp.unit_channels):
+      h = jax.random.normal(key, (batch, s, s, cu), jnp.float32)
+      unit_name = f'block {b} unit {j}: {mods} modules at {s}x{s}x{cu}'
+      prof.module(unit_name, 1, Unit(cfg, mods, m), h, train=True)
+      c1 = cu - cu // 2
+      xc = jax.random.normal(key, (batch, s, s, c1), jnp.float32)
+      net = DenseFlowCouplingNet(2 * (cu // 2), m, cfg.dense_depth, cfg.dense_growth,
+                                 cfg.num_landmarks, cfg.pinv_iterations, cfg.attention_layout)
+      prof.module(f'  coupling net {s}x{s} {c1}->{2 * (cu // 2)}', mods, net, xc, train=True,
+                  parent=unit_name)
+      hm = jax.random.normal(key, (batch, s, s, m), jnp.float32)
+      prof.module(f'    dense block {s}x{s} m={m}', mods,
+                  DenseBlock(m, cfg.dense_depth, cfg.dense_growth), hm, parent='coupling net')
+      prof.module(f'    attention {s}x{s} m={m}', mods,
+                  NystromAttention(m, cfg.num_landmarks, cfg.pinv_iterations,
+                                   cfg.attention_layout), hm, parent='coupling net')
+      if j >= 1 and cfg.augment:
+        cc = bp.in_channels + sum(bp.unit_channels[:j - 1])
+        cond = jax.random.normal(key, (batch, s, s, cc), jnp.float32)
+        prof.module(f'  noise net {s}x{s} {cc}->{2 * cfg.growth_rate}', 1,
+                    NoiseNet(cfg.growth_rate), cond, parent='cross-unit')
+
+  top = [r for r in prof.rows if not r['name'].startswith(' ') and not r['name'].startswith('W')]
+  explained = sum(r['total_fwdbwd_s'] for r in top)
+  print(f'  parts explain {explained * 1e3:.0f} of {t_step * 1e3:.0f} ms '
+        f'({explained / t_step:.0%}); the rest is transitions, base density, loss, glue '
+        'between parts, and the overlap the whole program gets from scheduling', flush=True)
+
+  bp0 = plan.blocks[0]
+  print(f'  dense block ops at {bp0.size}x{bp0.size}, m={cfg.mid_channels[0]}:', flush=True)
+  ops = dense_layer_ops(prof, batch, bp0.size, cfg.mid_channels[0], cfg.dense_depth,
+                        cfg.dense_growth)
+  return {'batch': batch, 'rows': prof.rows, 'dense_layer_ops': ops, 'step_s': t_step,
+          'explained_s': explained, 'minor_faults_per_step': faults}
+
+
+def main(argv):
+  del argv
+  if FLAGS.xla_flags:
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' +
+                               benchmark.PERF_XLA_FLAGS).strip()
+  import jax
+  jax.config.update('jax_enable_compilation_cache', False)
+  apply_variant()
+  peak = benchmark.measure_matmul_peak(FLAGS.peak_n, FLAGS.peak_reps)
+  print(f"variant {FLAGS.variant}, matmul peak {peak['gflop_s']:.0f} GFLOP/s, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+        f', load {benchmark.load_avg():.2f}', flush=True)
+  result = {'xla_flags': os.environ.get('XLA_FLAGS', ''), 'variant': FLAGS.variant, 'matmul_peak': peak,
+            'load_before': benchmark.load_avg(), 'batches': []}
+  for b in [int(s) for s in FLAGS.batch_sizes]:
+    result['batches'].append(profile_batch(b, peak['gflop_s']))
+  result['load_after'] = benchmark.load_avg()
+  print(f"load after {result['load_after']:.2f}")
+  if FLAGS.out:
+    with open(FLAGS.out, 'w') as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)
