@@ -57,6 +57,10 @@ def plan_model(cfg: ml_collections.ConfigDict) -> ModelPlan:
       if int(v) < 1:
         raise ValueError(f'model.{name} = {tuple(getattr(cfg, name))}; every entry must be >= 1')
   if cfg.coupling == 'denseflow':
+    if int(cfg.num_landmarks) < 1 or int(cfg.pinv_iterations) < 0:
+      raise ValueError(f'model.num_landmarks = {cfg.num_landmarks}, pinv_iterations = '
+                       f'{cfg.pinv_iterations}; expected num_landmarks >= 1 and '
+                       f'pinv_iterations >= 0')
     for m in cfg.mid_channels:
       if m % 2:
         raise ValueError(f'model.mid_channels = {tuple(cfg.mid_channels)}; the attention width '

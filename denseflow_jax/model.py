@@ -270,6 +270,8 @@ class DenseFlow(nn.Module):
     `lax.scan`, so memory stays bounded by the chunk. `chunk=0` means all k at once.
     """
     self._check_input(x, 'iwbo')
+    if k < 1:
+      raise ValueError(f'DenseFlow.iwbo: k must be a positive number of draws, got k={k}')
     chunk = k if chunk <= 0 else chunk
     if k % chunk:
       raise ValueError(f'DenseFlow.iwbo: k={k} must be divisible by chunk={chunk}')

@@ -74,7 +74,8 @@ class LUConv1x1(Bijector):
     key = self.make_rng('params') if self.is_initializing() else None
     def get(name):
       init = lu_part(name)
-      return lambda _, shape: init(key, shape)
+      # flax also calls init functions at apply time (shape check only): use its key there.
+      return lambda rng, shape: init(rng if key is None else key, shape)
 
     perm = jax.lax.stop_gradient(self.param('perm', get('perm'), (c, c)))
     sign_s = jax.lax.stop_gradient(self.param('sign_s', get('sign_s'), (c,)))

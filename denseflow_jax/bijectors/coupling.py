@@ -37,6 +37,11 @@ class AffineCoupling(Bijector):
       raise ValueError(f'AffineCoupling: needs at least 2 channels to split, got shape {x.shape}')
     c1 = c - c // 2
     x1, x2 = x[..., :c1], x[..., c1:]
+    if context is not None and (getattr(context, 'ndim', 0) != 4
+                                or context.shape[:-1] != x.shape[:-1]):
+      raise ValueError(f'AffineCoupling: context must be (N, H, W, C_ctx) with (N, H, W) = '
+                       f'{x.shape[:-1]} like the input, got context shape '
+                       f'{getattr(context, "shape", None)}')
     h = x1 if context is None else jnp.concatenate([x1, context.astype(x1.dtype)], axis=-1)
     out = self.net(h, train=train)
     if out.shape[-1] != 2 * x2.shape[-1]:

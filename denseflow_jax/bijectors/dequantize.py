@@ -52,6 +52,8 @@ class UniformDequantization(Bijector):
     check_integer_images(x, 'UniformDequantization')
     if u is None:
       u = jax.random.uniform(self.make_rng('noise'), x.shape, dtype)
+    elif u.shape != x.shape:
+      raise ValueError(f'UniformDequantization: u has shape {u.shape}, expected {x.shape}')
     y = (x.astype(dtype) + u.astype(dtype)) / (2 ** self.num_bits)
     return y, jnp.full((x.shape[0],), d * ldj, dtype)
 
@@ -155,7 +157,7 @@ def _run_q(parts: dict, x_int: Array, eps: Optional[Array] = None, u: Optional[A
     return u, log_q - ld
   z, ld_sig = _sigmoid_fn(u, inverse=True)          # logit
   z = squeeze2x2(z)
-  log_q = -ld_sig
+  log_q = ld_sig                                    # log|d logit(u) / du|
   z, ld = mixers[steps](z, inverse=True)
   log_q += ld
   for k in reversed(range(steps)):

@@ -18,6 +18,7 @@ class ShiftScale(Bijector):
   def __call__(self, x: Array, inverse: bool = False, **unused: Any) -> Tuple[Array, Array]:
     if self.scale == 0:
       raise ValueError('ShiftScale: scale must be non-zero, got 0')
+    _check_batched(x, 'ShiftScale')
     d = 1
     for s in x.shape[1:]:
       d *= s
@@ -25,6 +26,14 @@ class ShiftScale(Bijector):
     if inverse:
       return x / self.scale - self.shift, -ld
     return (x + self.shift) * self.scale, ld
+
+
+def _check_batched(x: Array, name: str) -> None:
+  """ValueError unless `x` has a leading batch axis (log-dets are per example)."""
+  shape = getattr(x, 'shape', None)
+  if shape is None or len(shape) < 1:
+    raise ValueError(f'{name}: expected an array with a leading batch axis (N, ...), got shape '
+                     f'{shape}')
 
 
 def _log_sigmoid_jacobian(x: Array) -> Array:
@@ -43,6 +52,7 @@ class Sigmoid(Bijector):
   """`y = sigmoid(x)` elementwise, R -> (0, 1). Forward log-det `sum log sigmoid'(x)`."""
 
   def __call__(self, x: Array, inverse: bool = False, **unused: Any) -> Tuple[Array, Array]:
+    _check_batched(x, 'Sigmoid')
     return _sigmoid_fn(x, inverse)
 
 
@@ -50,4 +60,5 @@ class Logit(Bijector):
   """`y = log(x / (1 - x))` elementwise, (0, 1) -> R; the inverse of `Sigmoid`."""
 
   def __call__(self, x: Array, inverse: bool = False, **unused: Any) -> Tuple[Array, Array]:
+    _check_batched(x, 'Logit')
     return _sigmoid_fn(x, not inverse)

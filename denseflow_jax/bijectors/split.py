@@ -5,7 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from denseflow_jax.bijectors.base import Array, Bijector, std_normal_log_prob, sum_except_batch
+from denseflow_jax.bijectors.base import (Array, Bijector, check_image, std_normal_log_prob,
+                                          sum_except_batch)
 from denseflow_jax.bijectors.squeeze import squeeze2x2, unsqueeze2x2
 
 
@@ -22,6 +23,7 @@ class SqueezeAndDrop(Bijector):
 
   def split(self, x: Array) -> Tuple[Array, Array, Array]:
     """`(kept, dropped, log N(dropped))` for an input `(N, H, W, C)`."""
+    check_image(x, 'SqueezeAndDrop')
     y = squeeze2x2(x)
     c = y.shape[-1] // 2
     kept, dropped = y[..., :c], y[..., c:]
@@ -32,8 +34,12 @@ class SqueezeAndDrop(Bijector):
     if not inverse:
       kept, _, ld = self.split(x)
       return kept, ld
+    check_image(x, 'SqueezeAndDrop.inverse')
     if dropped is None:
       eps = jax.random.normal(self.make_rng('noise'), x.shape, x.dtype)
       dropped = temperature * eps
+    elif dropped.shape != x.shape:
+      raise ValueError(f'SqueezeAndDrop.inverse: dropped has shape {dropped.shape}, expected '
+                       f'{x.shape} (the shape of the kept half)')
     ld = -sum_except_batch(std_normal_log_prob(dropped))
     return unsqueeze2x2(jnp.concatenate([x, dropped.astype(x.dtype)], axis=-1)), ld
