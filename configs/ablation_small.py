@@ -6,8 +6,8 @@
 The paper's ablation trains DenseFlow-45-6 (45 modules, 75M parameters) for 300 CIFAR-10
 epochs. This config keeps the structure of that experiment (same modules, optimizer, steps,
 batch and seed for every variant; test bits/dim by the importance-weighted bound) at a scale
-at which all ten runs (six variants, two more seeds of rows 1 and 6) take about 55 minutes of
-wall time on two shared CPU cores (about 30 minutes of CPU time; see docs/ablation.md):
+at which all ten runs (six variants, two more seeds of rows 1 and 6) took 50 minutes of
+wall time on two shared CPU cores (31 minutes of CPU time; see docs/ablation.md):
 
 - model: blocks (2, 2, 1), modules per unit (1, 1, 2) = 6 glow-like modules in every variant,
   coupling width 16, growth 4, dense blocks of depth 3 and growth 16 (instead of 7 and 64).
