@@ -217,9 +217,17 @@ class DenseFlow(nn.Module):
       y, ld_deq = self.dequantizer(x, eps=noise.get('dequantization'), dtype=dtype)
     else:
       y, ld_deq = self.dequantizer(x, u=noise.get('dequantization'), dtype=dtype)
+    z, dropped, ld, stages = self.flow_forward(y, train=train, noise=noise)
+    return z, dropped, ld_deq + ld, {'dequantization': ld_deq, **stages}
+
+  def flow_forward(self, y: Array, train: bool = False,
+                   noise: Optional[Dict[str, Array]] = None):
+    """The continuous flow after dequantization: `y` in [0, 1) `(N, H, W, C)` ->
+    `(z, dropped halves, log-det sum (N,), per-stage log-dets)`."""
+    noise = noise or {}
     h = squeeze2x2(y - 0.5)
-    stages = {'dequantization': ld_deq}
-    total = ld_deq
+    stages = {}
+    total = jnp.zeros((y.shape[0],), y.dtype)
     dropped = []
     for b, block in enumerate(self.blocks):
       etas = [noise.get(f'block{b}_unit{j}') for j in range(self.config.block_conf[b])]
@@ -302,13 +310,18 @@ class DenseFlow(nn.Module):
     z, dropped, _, _ = self._forward(x, False, noise)
     return {'z': z, 'dropped': dropped}
 
-  def _inverse(self, z: Array, dropped: Sequence[Optional[Array]], temperature: float) -> Array:
+  def flow_inverse(self, z: Array, dropped: Sequence[Optional[Array]],
+                   temperature: float = 1.0) -> Array:
+    """Inverse of `flow_forward`: latent (+ dropped halves, drawn when None) -> `y` (float)."""
     h = z
     for b in reversed(range(len(self.blocks))):
       if b < len(self.transitions):
         h, _ = self.transitions[b](h, inverse=True, dropped=dropped[b], temperature=temperature)
       h, _ = self.blocks[b](h, inverse=True)
-    y = unsqueeze2x2(h) + 0.5
+    return unsqueeze2x2(h) + 0.5
+
+  def _inverse(self, z: Array, dropped: Sequence[Optional[Array]], temperature: float) -> Array:
+    y = self.flow_inverse(z, dropped, temperature)
     x, _ = self.dequantizer(y, inverse=True)
     return x.astype(jnp.uint8) if self.config.num_bits <= 8 else x
 
