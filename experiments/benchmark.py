@@ -214,6 +214,30 @@ def current_rss_gib() -> float:
     return float('nan')
 
 
+class RssSampler:
+  """Samples this process's resident memory every `interval` s in a thread; `.peak_gib`."""
+
+  def __init__(self, interval: float = 0.01):
+    import threading
+    self.interval = interval
+    self.peak_gib = current_rss_gib()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+
+  def _run(self):
+    while not self._stop.is_set():
+      self.peak_gib = max(self.peak_gib, current_rss_gib())
+      self._stop.wait(self.interval)
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+
+
 def median_time(fn, steps: int) -> Dict[str, Any]:
   times = []
   for _ in range(max(steps, 1)):
@@ -464,14 +488,16 @@ def job_train(batch: int) -> Dict[str, Any]:
     holder['loss'] = loss
     _block((new_state, loss))
 
-  t4 = time.perf_counter()
-  call()
-  first_s = time.perf_counter() - t4
-  for _ in range(FLAGS.warmup):
+  rss_before_run = peak_rss_gib()
+  with RssSampler() as sampler:
+    t4 = time.perf_counter()
     call()
-  faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  timing = median_time(call, FLAGS.steps)
-  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / max(FLAGS.steps, 1)
+    first_s = time.perf_counter() - t4
+    for _ in range(FLAGS.warmup):
+      call()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    timing = median_time(call, FLAGS.steps)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / max(FLAGS.steps, 1)
   load_after = load_avg()
   loss = float(holder['loss'])
 
@@ -493,7 +519,8 @@ def job_train(batch: int) -> Dict[str, Any]:
                         'xla_compiled': None if xla_compiled is None else xla_compiled / batch},
       'matmul_peak': peak,
       'load_before': load_before, 'load_after': load_after,
-      'peak_rss_gib': peak_rss_gib(), 'rss_after_gib': current_rss_gib(),
+      'peak_rss_gib': peak_rss_gib(), 'peak_rss_before_run_gib': rss_before_run,
+      'peak_rss_run_gib': sampler.peak_gib, 'rss_after_gib': current_rss_gib(),
       'device_memory': _device_memory(),
   }
 
@@ -522,12 +549,13 @@ def job_eval() -> Dict[str, Any]:
   peak = measure_matmul_peak(FLAGS.peak_n, FLAGS.peak_reps)
   load_before = load_avg()
   call = lambda: _block(compiled(variables, x))
-  t3 = time.perf_counter()
-  call()
-  first_s = time.perf_counter() - t3
-  for _ in range(FLAGS.warmup):
+  with RssSampler() as sampler:
+    t3 = time.perf_counter()
     call()
-  timing = median_time(call, FLAGS.steps)
+    first_s = time.perf_counter() - t3
+    for _ in range(FLAGS.warmup):
+      call()
+    timing = median_time(call, FLAGS.steps)
   load_after = load_avg()
   step_s = timing['median_s']
   flops_counted = counted['dot'] + counted['conv']
@@ -540,7 +568,8 @@ def job_eval() -> Dict[str, Any]:
                         'xla_lowered': None if xla_lowered is None else xla_lowered / batch},
       'frac_of_peak_counted': flops_counted / step_s / 1e9 / peak['gflop_s'],
       'matmul_peak': peak, 'load_before': load_before, 'load_after': load_after,
-      'peak_rss_gib': peak_rss_gib(), 'device_memory': _device_memory(),
+      'peak_rss_gib': peak_rss_gib(), 'peak_rss_run_gib': sampler.peak_gib,
+      'device_memory': _device_memory(),
   }
 
 
@@ -646,10 +675,11 @@ TABLE_HEADERS = {
     'train': ('| date | commit | config | batch | XLA flags (+ malloc tuning) | load (1 min) | compile (trace+lower / '
               'compile) | train step | img/s | GFLOP/img (published / counted / XLA) | GFLOP/s '
               '(published count) | % of measured peak (peak) | published % | ours / published | '
-              'peak RSS (published) |\n'
+              'peak RSS: process / steps (published) |\n'
               '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|'),
     'eval': ('| date | commit | config | batch | XLA flags (+ malloc tuning) | load (1 min) | compile | eval step | '
-             'img/s | GFLOP/img (counted / XLA) | % of measured peak (peak) | peak RSS |\n'
+             'img/s | GFLOP/img (counted / XLA) | % of measured peak (peak) | peak RSS: process / '
+             'steps |\n'
              '|---|---|---|---|---|---|---|---|---|---|---|---|'),
     'sample': ('| date | commit | config | images | XLA flags (+ malloc tuning) | load (1 min) | compile | time | '
                'img/s | published time | speed-up | peak RSS |\n'
@@ -689,12 +719,12 @@ def markdown_rows(report: Dict[str, Any]) -> Dict[str, List[str]]:
       frac = f"{100 * s['frac_published_count']:.0f}% ({s['peak_gflop_s']:.0f})"
       pub_frac = f"{100 * s['published_frac']:.0f}%"
       ratio = f"{s['ratio_of_fractions']:.2f}x"
-      rss = f"{r['peak_rss_gib']:.1f} GiB ({s['published_rss_gib']:.1f})"
+      rss = f"{r['peak_rss_gib']:.1f} / {r['peak_rss_run_gib']:.1f} GiB ({s['published_rss_gib']:.1f})"
     else:
       gflops = f"{s['gflop_s_counted']:.0f} (counted)"
       frac = f"{100 * s['frac_counted']:.0f}% counted ({s['peak_gflop_s']:.0f})"
       pub_frac, ratio = '-', '-'
-      rss = f"{r['peak_rss_gib']:.1f} GiB"
+      rss = f"{r['peak_rss_gib']:.1f} / {r['peak_rss_run_gib']:.1f} GiB"
     comp = f"{r['trace_s'] + r['lower_s']:.1f} / {r['compile_s']:.1f} s"
     rows['train'].append(
         f"| {date} | {commit} | {label} | {r['batch']} | {fl} | {load} | {comp} | "
@@ -709,7 +739,8 @@ def markdown_rows(report: Dict[str, Any]) -> Dict[str, List[str]]:
         f"| {date} | {commit} | {label} | {r['batch']} | {fl} | {load} | {r['compile_s']:.1f} s | "
         f"{r['step_s']:.3f} s | {r['img_s']:.1f} | {fpi['counted_matmul_conv'] / 1e9:.2f} / "
         f"{_fmt(xla)} | {100 * r['frac_of_peak_counted']:.0f}% "
-        f"({r['matmul_peak']['gflop_s']:.0f}) | {r['peak_rss_gib']:.1f} GiB |")
+        f"({r['matmul_peak']['gflop_s']:.0f}) | {r['peak_rss_gib']:.1f} / "
+        f"{r['peak_rss_run_gib']:.1f} GiB |")
   if report.get('sample'):
     r = report['sample']
     load = f"{_fmt(r['load_before'], '.1f')}-{_fmt(r['load_after'], '.1f')}"
