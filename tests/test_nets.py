@@ -38,7 +38,8 @@ def _conv_grads(conv, x, w, r):
   return jax.grad(lambda a, b: jnp.sum(conv(a, b) * r), argnums=(0, 1))(x, w)
 
 
-@pytest.mark.parametrize('shape', [(2, 5, 6, 3, 4), (1, 4, 4, 8, 2)])
+# The input gradient is a matmul up to 1024 output rows (N*H*W) and a forward conv above.
+@pytest.mark.parametrize('shape', [(2, 5, 6, 3, 4), (1, 4, 4, 8, 2), (2, 24, 24, 5, 3)])
 def test_conv3x3_custom_vjp_matches_lax_conv_float32(shape):
   n, h, w, c, o = shape
   x, k, r = normal(0, (n, h, w, c)), normal(1, (3, 3, c, o)), normal(2, (n, h, w, o))
@@ -50,16 +51,36 @@ def test_conv3x3_custom_vjp_matches_lax_conv_float32(shape):
   assert rel_err(dw, dw_ref) < 1e-5
 
 
-def test_conv3x3_custom_vjp_matches_lax_conv_float64():
+@pytest.mark.parametrize('hw', [(5, 6), (24, 24)])
+def test_conv3x3_custom_vjp_matches_lax_conv_float64(hw):
   with jax.enable_x64(True):
-    x = normal(0, (2, 5, 6, 3), jnp.float64)
+    x = normal(0, (2, *hw, 3), jnp.float64)
     k = normal(1, (3, 3, 3, 4), jnp.float64)
-    r = normal(2, (2, 5, 6, 4), jnp.float64)
+    r = normal(2, (2, *hw, 4), jnp.float64)
     dx, dw = _conv_grads(conv3x3, x, k, r)
     dx_ref, dw_ref = _conv_grads(_conv_reference, x, k, r)
     assert dw.dtype == jnp.float64
     assert rel_err(dx, dx_ref) < 1e-12
     assert rel_err(dw, dw_ref) < 1e-12
+
+
+@pytest.mark.parametrize('hw', [4, 24])
+def test_conv3x3_gradient_inside_scan_equals_outside(hw):
+  # nn.scan over modules puts the backward inside a while loop (a different XLA code path).
+  x, r = normal(0, (2, hw, hw, 3)), normal(2, (2, hw, hw, 4))
+  ks = normal(1, (2, 3, 3, 3, 4))
+
+  def loss(x, ks):
+    def body(carry, k):
+      return carry, jnp.sum(conv3x3(carry, k) * r)
+    return jnp.sum(jax.lax.scan(body, x, ks)[1])
+
+  dx, dks = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, ks)
+  for i in range(2):
+    dx_i, dk_i = _conv_grads(_conv_reference, x, ks[i], r)
+    assert rel_err(dks[i], dk_i) < 1e-5
+  dx_ref = sum(_conv_grads(_conv_reference, x, ks[i], r)[0] for i in range(2))
+  assert rel_err(dx, dx_ref) < 1e-5
 
 
 def test_conv3x3_gradient_under_jit_and_in_the_module():
