@@ -51,6 +51,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,6 +157,9 @@ def config_label(model_cfg) -> str:
   if key is not None:
     return PUBLISHED[key]['name']
   m = model_cfg
+  at_size = published_key(ml_collections.ConfigDict({**m.to_dict(), 'image_size': 32}))
+  if at_size is not None:  # a published shape at another resolution (74-10 at 64x64)
+    return f"{PUBLISHED[at_size]['name']}, {m.image_size}x{m.image_size}"
   return (f"blocks {tuple(m.block_conf)} modules {tuple(m.layers_conf)} mid "
           f"{tuple(m.mid_channels)} growth {m.growth_rate}, {m.image_size}x{m.image_size}")
 
@@ -192,7 +196,9 @@ def git_info() -> Dict[str, str]:
     except (OSError, subprocess.SubprocessError):
       return ''
   return {'commit': run('rev-parse', 'HEAD'),
-          'dirty': bool(run('status', '--porcelain', '--untracked-files=no'))}
+          # Rows appended to BENCHMARKS.md by an earlier run do not make the code dirty.
+          'dirty': bool(run('status', '--porcelain', '--untracked-files=no', '--', '.',
+                            ':(exclude)BENCHMARKS.md'))}
 
 
 def load_avg() -> float:
