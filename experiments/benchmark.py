@@ -61,10 +61,12 @@ if REPO_ROOT not in sys.path:  # `configs` is imported by the config files
 PERF_XLA_FLAGS = ('--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true '
                   '--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_prefer_vector_width=512')
 GIB = 2.0 ** 30
-# glibc malloc settings that keep freed memory mapped between calls (one arena, no trimming,
-# a fixed mmap threshold and a padded heap top), so the per-call buffers of a jitted program do
-# not page-fault again on every call. Process environment: set for the children only.
-MALLOC_TUNING = {'MALLOC_ARENA_MAX': '1', 'MALLOC_MMAP_THRESHOLD_': str(32 * 2 ** 20),
+# glibc malloc settings that keep freed memory between calls, so XLA's per-call buffers do not
+# page-fault again on every call: no mmap for large blocks (glibc caps the mmap threshold at
+# 32 MiB), one arena (other threads' arenas would mmap their large blocks), no trimming, a padded
+# heap top. Measured on tiny: the faults go to zero, but the step gets slower (BENCHMARKS.md).
+# Process environment: set for the children only.
+MALLOC_TUNING = {'MALLOC_ARENA_MAX': '1', 'MALLOC_MMAP_MAX_': '0',
                  'MALLOC_TRIM_THRESHOLD_': str(16 * 2 ** 30),
                  'MALLOC_TOP_PAD_': str(512 * 2 ** 20)}
 
