@@ -30,17 +30,13 @@ Relative data paths resolve against the repository root.
 """
 import ml_collections
 
-from configs import default
+from configs import tiny
 
 
 def get_config():
   """The small ablation: model, data, training, evaluation and the `ablation` section."""
-  config = default.get_config()
+  config = tiny.get_config()        # tiny's blocks, modules, mid channels and growth
   m = config.model
-  m.block_conf = (2, 2, 1)
-  m.layers_conf = (1, 1, 2)
-  m.mid_channels = (16, 16, 16)
-  m.growth_rate = 4
   m.dense_depth = 3
   m.dense_growth = 16
   m.glow_hidden = 40

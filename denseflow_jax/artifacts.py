@@ -7,6 +7,7 @@
 import json
 import math
 import os
+import platform
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -14,6 +15,24 @@ import numpy as np
 METRICS_FILE = 'metrics.jsonl'
 CURVE_FILE = 'bpd_curve.png'
 SAMPLES_DIR = 'samples'
+
+def machine_info() -> Dict[str, object]:
+  """CPU model (from /proc/cpuinfo where there is one), logical CPUs, AVX-512, platform, Python."""
+  cpu, cpu_flags = '', ''
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name') and not cpu:
+          cpu = line.split(':', 1)[1].strip()
+        elif line.startswith('flags') and not cpu_flags:
+          cpu_flags = line
+        if cpu and cpu_flags:
+          break
+  except OSError:
+    pass
+  return {'cpu_model': cpu or platform.processor() or 'unknown', 'logical_cpus': os.cpu_count(),
+          'avx512f': ' avx512f' in cpu_flags, 'platform': platform.platform(),
+          'python': platform.python_version()}
 
 
 def to_uint8(images: np.ndarray, num_bits: int) -> np.ndarray:

@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import re
 import sys
 import threading
@@ -198,17 +197,10 @@ class _LoadSampler:
 def hardware() -> Dict[str, Any]:
   """CPU model, core count, platform, jax version and devices."""
   import jax  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor() or 'unknown'
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return {'cpu_model': cpu, 'cpu_cores': os.cpu_count(), 'platform': platform.platform(),
-          'python': platform.python_version(), 'jax': jax.__version__,
+  from denseflow_jax.artifacts import machine_info  # pylint: disable=g-import-not-at-top
+  info = machine_info()
+  return {'cpu_model': info['cpu_model'], 'cpu_cores': info['logical_cpus'],
+          'platform': info['platform'], 'python': info['python'], 'jax': jax.__version__,
           'devices': [str(d) for d in jax.devices()]}
 
 

@@ -41,7 +41,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -164,30 +163,6 @@ def config_label(model_cfg) -> str:
     return f"{PUBLISHED[at_size]['name']}, {m.image_size}x{m.image_size}"
   return (f"blocks {tuple(m.block_conf)} modules {tuple(m.layers_conf)} mid "
           f"{tuple(m.mid_channels)} growth {m.growth_rate}, {m.image_size}x{m.image_size}")
-
-
-def machine_info() -> Dict[str, Any]:
-  cpu = ''
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  flags_line = ''
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('flags'):
-          flags_line = line
-          break
-  except OSError:
-    pass
-  return {'cpu_model': cpu or platform.processor(), 'logical_cpus': os.cpu_count(),
-          'avx512f': ' avx512f' in flags_line, 'platform': platform.platform(),
-          'python': platform.python_version()}
 
 
 def git_info() -> Dict[str, str]:
@@ -785,9 +760,10 @@ def run_parent(argv: Sequence[str]) -> Dict[str, Any]:
     env.update(MALLOC_TUNING)
   import jax
   import jaxlib
+  from denseflow_jax import artifacts
   meta = {
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'git': git_info(), 'machine': machine_info(), 'jax': jax.__version__,
+      'git': git_info(), 'machine': artifacts.machine_info(), 'jax': jax.__version__,
       'jaxlib': jaxlib.__version__, 'xla_flags': FLAGS.xla_flags,
       'XLA_FLAGS': env.get('XLA_FLAGS', ''), 'malloc_tuning': FLAGS.malloc_tuning,
       'malloc_env': {k: env[k] for k in sorted(env) if k.startswith('MALLOC_')},
