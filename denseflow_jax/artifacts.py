@@ -16,6 +16,7 @@ METRICS_FILE = 'metrics.jsonl'
 CURVE_FILE = 'bpd_curve.png'
 SAMPLES_DIR = 'samples'
 
+
 def machine_info() -> Dict[str, object]:
   """CPU model (from /proc/cpuinfo where there is one), logical CPUs, AVX-512, platform, Python."""
   cpu, cpu_flags = '', ''

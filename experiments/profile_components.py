@@ -26,36 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # pylint: disable=g-import-not-at-top  (its flags: --config, --steps, ...)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('variant', 'current', ['current', 'conv_dx_fwd'],
-                  'current: the package as it is. conv_dx_fwd: the 3x3 conv\'s input gradient '
-                  'computed as a forward conv with the flipped, transposed kernel (HWIO), '
-                  'patched into denseflow_jax.nets.layers for this process only.')
-
-
 flags.DEFINE_bool('parts', True, 'Time the parts; false: only the whole train step and forward.')
-
-
-def conv3x3_dx_fwd_variant():
-  """`conv3x3` whose backward computes dx as a canonical forward conv (the proposal)."""
-  import jax
-  import jax.numpy as jnp
-  from denseflow_jax.nets import layers
-
-  def bwd(res, g):
-    x, w = res
-    dx = layers._conv_same(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))  # pylint: disable=protected-access
-    _, dw = layers._conv3x3_bwd((x, w), g)  # pylint: disable=protected-access  (dx unused: DCE)
-    return dx, dw
-
-  conv = jax.custom_vjp(lambda x, w: layers._conv_same(x, w))  # pylint: disable=protected-access
-  conv.defvjp(lambda x, w: (layers._conv_same(x, w), (x, w)), bwd)  # pylint: disable=protected-access
-  return conv, bwd
-
-
-def apply_variant():
-  if FLAGS.variant == 'conv_dx_fwd':
-    from denseflow_jax.nets import layers
-    layers.conv3x3, _ = conv3x3_dx_fwd_variant()
 
 
 def _median(fn: Callable[[], Any], steps: int, warmup: int) -> float:
@@ -134,8 +105,6 @@ def dense_layer_ops(prof: Profiler, batch: int, size: int, mid: int, depth: int,
   import jax
   import jax.numpy as jnp
   from denseflow_jax.nets.layers import _conv3x3_bwd, _conv_same
-  if FLAGS.variant == 'conv_dx_fwd':
-    _, _conv3x3_bwd = conv3x3_dx_fwd_variant()
   rows = []
   key = jax.random.key(0)
   p = batch * size * size
@@ -310,11 +279,10 @@ def main(argv):
                                benchmark.PERF_XLA_FLAGS).strip()
   import jax
   jax.config.update('jax_enable_compilation_cache', False)
-  apply_variant()
   peak = benchmark.measure_matmul_peak(FLAGS.peak_n, FLAGS.peak_reps)
-  print(f"variant {FLAGS.variant}, matmul peak {peak['gflop_s']:.0f} GFLOP/s, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  print(f"matmul peak {peak['gflop_s']:.0f} GFLOP/s, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
         f', load {benchmark.load_avg():.2f}', flush=True)
-  result = {'xla_flags': os.environ.get('XLA_FLAGS', ''), 'variant': FLAGS.variant, 'matmul_peak': peak,
+  result = {'xla_flags': os.environ.get('XLA_FLAGS', ''), 'matmul_peak': peak,
             'load_before': benchmark.load_avg(), 'batches': []}
   for b in [int(s) for s in FLAGS.batch_sizes]:
     result['batches'].append(profile_batch(b, peak['gflop_s']))
