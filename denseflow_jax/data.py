@@ -274,6 +274,31 @@ def load_sources(data_config: Any, num_bits: int = 8) -> tuple[ImageSource, Imag
   raise ValueError(f'unknown dataset {dataset!r}; expected one of {list(KNOWN_DATASETS)}')
 
 
+def source_from_spec(spec: str, data_dir: str = '') -> ImageSource:
+  """An ImageSource named by a data spec, the syntax every tool's `--data` flag takes.
+
+  - `npz:PATH`: the `images` of a local `.npz` (with its `num_bits`, default 8);
+  - `digits:train` / `digits:test`: the embedded offline digits;
+  - `tfds:NAME:SPLIT` or `NAME:SPLIT` for our TFDS names (cifar10, imagenet32, imagenet64,
+    celeba); the split defaults to the test split (`cifar10` = `cifar10:test`).
+  """
+  if not isinstance(spec, str) or not spec:
+    raise ValueError(f'empty data spec; expected npz:PATH, digits:SPLIT or NAME:SPLIT with '
+                     f'NAME in {sorted(TFDS_DATASETS)}')
+  kind, _, rest = spec.partition(':')
+  if kind == 'npz':
+    images, bits = load_npz(rest)
+    return ImageSource.from_array('npz', os.path.basename(rest), images, bits)
+  if kind == 'digits':
+    return digits_source(rest or 'test')
+  if kind == 'tfds':
+    kind, _, rest = rest.partition(':')
+  if kind in TFDS_DATASETS:
+    return tfds_source(kind, rest or TFDS_DATASETS[kind][2], data_dir)
+  raise ValueError(f'data spec {spec!r}: expected npz:PATH, digits:SPLIT, or [tfds:]NAME[:SPLIT] '
+                   f'with NAME in {sorted(TFDS_DATASETS)}')
+
+
 # ----------------------------------------------------------------------------- augmentation
 
 
