@@ -209,8 +209,9 @@ _NPY_MAGIC = b'\x93NUMPY'
 def _npz_num_bits(value: np.ndarray, origin: str) -> int:
   """The stored `num_bits`: an integer scalar in 1..8 (a float or an array is refused)."""
   if value.shape != () or not np.issubdtype(value.dtype, np.integer):
-    raise ValueError(f"{origin}: 'num_bits' must be an integer scalar, got {value.dtype} "
-                     f'array of shape {value.shape}')
+    got = (f'{value.dtype} {value.item()!r}' if value.shape == () else
+           f'{value.dtype} array of shape {value.shape}')
+    raise ValueError(f"{origin}: 'num_bits' must be an integer scalar, got {got}")
   bits = int(value)
   if not 1 <= bits <= 8:
     raise ValueError(f"{origin}: 'num_bits' = {bits} must be in 1..8 (images are uint8)")

@@ -359,7 +359,7 @@ def test_unreadable_npz_files_are_value_errors_naming_the_file(tmp_path):
     assert f"npz file '{tmp_path / name}'" in str(info.value) and fragment in str(info.value)
     assert 'allow_pickle' not in str(info.value)
   for value, fragment in [(np.array([5, 5]), 'integer scalar, got int64 array of shape (2,)'),
-                          (np.float64(5.7), 'integer scalar, got float64'),
+                          (np.float64(5.7), 'integer scalar, got float64 5.7'),
                           (np.int64(9), "'num_bits' = 9 must be in 1..8")]:
     path = write_npz(tmp_path / 'bits.npz', images=random_images(3) // 8, num_bits=value)
     with pytest.raises(ValueError, match=re.escape(fragment)):
