@@ -1,6 +1,8 @@
 """Model-config validation and shape planning, done before anything is compiled."""
 import dataclasses
-from typing import Tuple
+import math
+import numbers
+from typing import Any, List, Tuple
 
 import ml_collections
 
@@ -38,12 +40,47 @@ class ModelPlan:
     return h * w * c
 
 
+def is_integer(value: Any) -> bool:
+  """True for int and numpy integers (not bool, not float: 5.7 or 5.0 are not integers here)."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+  """True for int, float and numpy numbers (not bool)."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _integer_fields(cfg: ml_collections.ConfigDict) -> List[Tuple[str, int]]:
+  """(field, minimum) of the integer model fields the configured variant uses."""
+  fields = [('image_size', 1), ('num_channels', 1), ('num_bits', 1), ('growth_rate', 0)]
+  if cfg.get('coupling') == 'denseflow':
+    fields += [('dense_depth', 1), ('dense_growth', 1), ('num_landmarks', 1),
+               ('pinv_iterations', 0)]
+  else:
+    fields += [('glow_hidden', 1)]
+  if cfg.get('dequantization') == 'variational':
+    fields += [('deq_steps', 1), ('deq_context_channels', 1)]
+  return fields
+
+
 def plan_model(cfg: ml_collections.ConfigDict) -> ModelPlan:
   """Validates a model config and returns its `ModelPlan`; raises ValueError naming the problem."""
   for field, choices in _CHOICES.items():
     value = cfg.get(field)
     if value not in choices:
       raise ValueError(f'model.{field} = {value!r}; expected one of {choices}')
+  for field, minimum in _integer_fields(cfg):
+    value = cfg.get(field)
+    if not is_integer(value) or value < minimum:
+      raise ValueError(f'model.{field} = {value!r}; expected an integer >= {minimum}')
+  for name in ('block_conf', 'layers_conf', 'mid_channels'):
+    if not all(is_integer(v) for v in getattr(cfg, name)):
+      raise ValueError(f'model.{name} = {tuple(getattr(cfg, name))}; expected integers')
+  momentum, epsilon = cfg.get('bn_momentum', 0.9), cfg.get('bn_epsilon', 1e-5)
+  if not (is_real(momentum) and 0 <= momentum < 1 and is_real(epsilon)
+          and math.isfinite(epsilon) and epsilon > 0):
+    raise ValueError(f'model.bn_momentum = {momentum!r}, bn_epsilon = {epsilon!r}; expected '
+                     'bn_momentum in [0, 1) and a finite bn_epsilon > 0')
   nb = len(cfg.block_conf)
   if nb == 0:
     raise ValueError('model.block_conf is empty; expected at least one block')
@@ -96,3 +133,64 @@ def plan_model(cfg: ml_collections.ConfigDict) -> ModelPlan:
     if b < nb - 1:
       size, ch = size // 2, 2 * cu
   return ModelPlan((s, s, c), tuple(blocks), (size, size, blocks[-1].out_channels))
+
+
+# Largest bit depth of the data pipeline (uint8 images).
+MAX_DATA_BITS = 8
+
+
+def experiment_problems(config: ml_collections.ConfigDict) -> List[str]:
+  """Problems with the values of an experiment config's train / eval / data fields.
+
+  Types and ranges only (integers where a count is meant, b1 and b2 in [0, 1), finite
+  positive temperature and learning rate, seed >= 0, batch sizes >= 1, ...): divisibility by
+  the device count and the data-dependent checks come later. An empty list means fine.
+  """
+  t, e, d, m = config.train, config.eval, config.data, config.model
+  problems = []
+
+  def integer(section: str, values, name: str, minimum: int, maximum=None, note: str = ''):
+    if name not in values:
+      return
+    v = values[name]
+    if not is_integer(v) or v < minimum or (maximum is not None and v > maximum):
+      bound = f'in {minimum}..{maximum}' if maximum is not None else f'>= {minimum}'
+      problems.append(f'{section}.{name}={v!r} must be an integer {bound}'
+                      + (f' ({note})' if note else ''))
+
+  def real(section: str, values, name: str, low: float, high: float, closed_high: bool,
+           open_low: bool = False):
+    if name not in values:
+      return
+    v = values[name]
+    ok = is_real(v) and math.isfinite(v) and (v > low if open_low else v >= low) and (
+        v <= high if closed_high else v < high)
+    if not ok:
+      lo_bracket = '(' if open_low else '['
+      hi_bracket = ']' if closed_high else ')'
+      where = (f'> {low:g}' if math.isinf(high) else
+               f'in {lo_bracket}{low:g}, {high:g}{hi_bracket}')
+      problems.append(f'{section}.{name}={v!r} must be a finite number {where}')
+
+  integer('model', m, 'num_bits', 1, MAX_DATA_BITS, 'images are uint8')
+  integer('train', t, 'seed', 0, 2**32 - 1)
+  integer('train', t, 'batch_size', 1)
+  integer('eval', e, 'batch_size', 1)
+  for name in ('num_steps', 'warmup_steps', 'checkpoint_every', 'eval_every'):
+    integer('train', t, name, 0)
+  for name in ('log_every', 'max_consecutive_nonfinite', 'keep_checkpoints'):
+    integer('train', t, name, 1)
+  for name in ('max_examples', 'num_samples', 'iwbo_chunk'):
+    integer('eval', e, name, 0)
+  integer('eval', e, 'iwbo_k', 1)
+  for name in ('holdout', 'max_train_examples', 'max_test_examples'):
+    integer('data', d, name, 0)
+  real('train', t, 'lr', 0.0, math.inf, False, open_low=True)
+  real('train', t, 'b1', 0.0, 1.0, False)
+  real('train', t, 'b2', 0.0, 1.0, False)
+  real('train', t, 'decay_rate', 0.0, 1.0, True, open_low=True)
+  real('train', t, 'grad_clip_norm', 0.0, math.inf, False)
+  real('train', t, 'num_epochs', 0.0, math.inf, False)
+  real('eval', e, 'temperature', 0.0, math.inf, False, open_low=True)
+  real('data', d, 'translate', 0.0, 0.5, False)
+  return problems

@@ -41,6 +41,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import zipfile
+import zlib
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import grain
@@ -200,19 +202,56 @@ def _check_range(images: np.ndarray, num_bits: int, origin: str) -> None:
                      f'(num_bits={num_bits})')
 
 
+_ZIP_MAGIC = (b'PK\x03\x04', b'PK\x05\x06')  # a zip with members / an empty zip
+_NPY_MAGIC = b'\x93NUMPY'
+
+
+def _npz_num_bits(value: np.ndarray, origin: str) -> int:
+  """The stored `num_bits`: an integer scalar in 1..8 (a float or an array is refused)."""
+  if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+    got = (f'{value.dtype} {value.item()!r}' if value.shape == () else
+           f'{value.dtype} array of shape {value.shape}')
+    raise ValueError(f"{origin}: 'num_bits' must be an integer scalar, got {got}")
+  bits = int(value)
+  if not 1 <= bits <= 8:
+    raise ValueError(f"{origin}: 'num_bits' = {bits} must be in 1..8 (images are uint8)")
+  return bits
+
+
 def load_npz(path: str, num_bits: int = 8) -> tuple[np.ndarray, int]:
-  """Reads `images` uint8 -> (N, H, W, C) and num_bits (the file's `num_bits` if present)."""
+  """Reads `images` uint8 -> (N, H, W, C) and num_bits (the file's `num_bits` if present).
+
+  Every problem with the file (missing, not an npz archive, truncated, no `images`, wrong
+  dtype or shape, bad `num_bits`) is a ValueError or FileNotFoundError naming it.
+  """
   full = os.path.abspath(os.path.expanduser(path))
   if not path or not os.path.isfile(full):
     raise FileNotFoundError(f'npz file {path!r} not found (resolved to {full}; relative '
                             f'paths resolve against the current directory {os.getcwd()})')
-  with np.load(full, allow_pickle=False) as npz:
-    if 'images' not in npz.files:
-      raise KeyError(f"npz file {path!r} has no array 'images' (arrays: {sorted(npz.files)})")
-    images = _as_image_array(npz['images'], f'npz file {path!r}')
-    if 'num_bits' in npz.files:
-      num_bits = int(npz['num_bits'])
-  _check_range(images, num_bits, f'npz file {path!r}')
+  origin = f'npz file {path!r}'
+  with open(full, 'rb') as f:
+    head = f.read(6)
+  if head == _NPY_MAGIC:
+    raise ValueError(f'{origin} is a .npy file (one array), not an .npz archive; write it with '
+                     "np.savez(path, images=images)")
+  if head[:4] not in _ZIP_MAGIC:
+    raise ValueError(f'{origin} is not an .npz archive (no zip header: {head!r}); write it '
+                     'with np.savez(path, images=images)')
+  try:
+    with np.load(full, allow_pickle=False) as npz:
+      if 'images' not in npz.files:
+        raise ValueError(f"{origin} has no array 'images' (arrays: {sorted(npz.files)})")
+      images = _as_image_array(npz['images'], origin)
+      if 'num_bits' in npz.files:
+        num_bits = _npz_num_bits(npz['num_bits'], origin)
+  except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise ValueError(f'{origin} cannot be read (truncated or corrupt?): {type(e).__name__}: '
+                     f'{e}') from None
+  except ValueError as e:
+    if str(e).startswith(origin):
+      raise
+    raise ValueError(f'{origin} cannot be read (truncated or corrupt?): {e}') from None
+  _check_range(images, num_bits, origin)
   return images, num_bits
 
 

@@ -60,7 +60,7 @@ import numpy as np
 import optax
 
 from denseflow_jax import artifacts, checkpoint, parallel
-from denseflow_jax.config_check import plan_model
+from denseflow_jax.config_check import experiment_problems, plan_model
 from denseflow_jax.data import Data, make_data
 from denseflow_jax.model import DenseFlow
 
@@ -154,14 +154,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   num_devices = num_devices or jax.device_count()
   plan_model(config.model)
   t, e = config.train, config.eval
-  problems = []
-  if t.batch_size <= 0 or t.batch_size % num_devices:
+  problems = experiment_problems(config)  # types and ranges; divisibility below
+  if problems:
+    raise ValueError('invalid config: ' + '; '.join(problems))
+  if t.batch_size % num_devices:
     problems.append(f'train.batch_size={t.batch_size} is not divisible by the device count '
                     f'{num_devices}')
-  if e.batch_size <= 0 or e.batch_size % num_devices:
+  if e.batch_size % num_devices:
     problems.append(f'eval.batch_size={e.batch_size} is not divisible by the device count '
                     f'{num_devices}')
-  if e.num_samples < 0 or e.num_samples % num_devices:
+  if e.num_samples % num_devices:
     problems.append(f'eval.num_samples={e.num_samples} is not divisible by the device count '
                     f'{num_devices} (0 disables samples)')
   if e.iwbo_k < 1 or e.iwbo_chunk < 0 or (e.iwbo_chunk and e.iwbo_k % e.iwbo_chunk):

@@ -17,11 +17,13 @@ Before writing, the converted variables are exported back and compared with the 
 state_dict tensor by tensor (bit for bit); a mismatch aborts the conversion.
 """
 import os
+import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 import numpy as np
 
-from denseflow_jax import official
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from denseflow_jax import cli, official  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', None, 'Published model directory (args.pickle, check/checkpoint.pt).')
@@ -37,10 +39,19 @@ flags.mark_flags_as_required(['model', 'workdir'])
 
 def convert(model_dir: str, workdir: str, step: int = 0, overwrite: bool = False,
             allow_unknown_args: bool = False, export_npz: bool = False) -> str:
-  """Converts `model_dir` into `workdir`; returns the checkpoint directory written."""
+  """Converts `model_dir` into `workdir`; returns the checkpoint directory written.
+
+  The arguments and the output are checked before anything is read (`cli.UsageError`).
+  """
+  cli.check_int('--step', step, 0)
+  cli.check_input_dir('--model', model_dir, needs=('args.pickle', 'check/checkpoint.pt'))
+  cli.check_output_dir('--workdir', workdir)
   ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step))
   if os.path.exists(ckpt_dir) and not overwrite:
     raise FileExistsError(f'{ckpt_dir} exists; pass --overwrite to replace it')
+  for name in ('checkpoints', 'official'):
+    if os.path.isfile(os.path.join(workdir, name)):
+      raise cli.UsageError(f'--workdir={workdir!r}: {os.path.join(workdir, name)} is a file')
   loaded = official.load_official(model_dir, allow_unknown_args)
   state_dict = loaded.state_dict
   exported = official.export_state_dict(loaded.variables, loaded.config.model, loaded.buffers)
@@ -72,11 +83,10 @@ def convert(model_dir: str, workdir: str, step: int = 0, overwrite: bool = False
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv  # checked by cli.run
   convert(FLAGS.model, FLAGS.workdir, FLAGS.step, FLAGS.overwrite, FLAGS.allow_unknown_args,
           FLAGS.export_npz)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -13,9 +13,10 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from denseflow_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir with config.json and checkpoints/.')
 _K = flags.DEFINE_integer('k', 0, 'Importance samples per image (0 = config.eval.iwbo_k).')
@@ -33,9 +34,25 @@ _CACHE = flags.DEFINE_bool('compilation_cache', True, 'Use the persistent XLA co
 flags.mark_flag_as_required('workdir')
 
 
+def check_flags() -> None:
+  """The flags' ranges and the output path, before anything is loaded (UsageError)."""
+  cli.check_int('--k', _K.value, 0, note='0 = config.eval.iwbo_k')
+  cli.check_int('--chunk', _CHUNK.value, -1, note='-1 = config.eval.iwbo_chunk, 0 = all k')
+  cli.check_int('--batch_size', _BATCH.value, 0, note='0 = config.eval.batch_size')
+  cli.check_int('--max_examples', _MAX.value, 0, note='0 = all')
+  cli.check_int('--step', _STEP.value, -1, note='-1 = newest readable')
+  cli.check_int('--seed', _SEED.value, 0, 2**32 - 1)
+  cli.check_input_dir('--workdir', _WORKDIR.value)
+  if _OUTPUT.value:
+    cli.check_output_file('--output', _OUTPUT.value)
+  elif not os.access(_WORKDIR.value, os.W_OK | os.X_OK):
+    raise cli.UsageError(f'--workdir={_WORKDIR.value!r} is not writable (the result goes to '
+                         'DIR/eval_iwbo_k<k>.json); pass --output')
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv  # checked by cli.run
+  check_flags()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from denseflow_jax import checkpoint, data, parallel  # pylint: disable=g-import-not-at-top
@@ -46,25 +63,24 @@ def main(argv):
     enable_compilation_cache()
 
   workdir = _WORKDIR.value
-  try:
-    config = checkpoint.load_config(workdir)
-  except FileNotFoundError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  config = checkpoint.load_config(workdir)
   k = _K.value or int(config.eval.iwbo_k)
   chunk = int(config.eval.iwbo_chunk) if _CHUNK.value < 0 else _CHUNK.value
   chunk = min(chunk, k) if chunk else k
   batch_size = _BATCH.value or int(config.eval.batch_size)
   mesh = parallel.make_mesh()
   problems = []
-  if k % chunk:
+  if k < 1 or batch_size < 1:
+    problems.append(f'k={k} (--k or eval.iwbo_k in {checkpoint.config_path(workdir)}) and '
+                    f'batch size {batch_size} must be >= 1')
+  elif k % chunk:
     problems.append(f'--k={k} is not divisible by --chunk={chunk}')
   if batch_size % mesh.devices.size:
     problems.append(f'--batch_size={batch_size} is not divisible by the device count '
                     f'{mesh.devices.size}')
   if problems:
-    print('error: ' + '; '.join(problems), file=sys.stderr)
-    sys.exit(2)
+    cli.fail('; '.join(problems))
+  output = _OUTPUT.value or os.path.join(workdir, f'eval_iwbo_k{k}.json')
   with config.unlocked():
     if _DATA_DIR.value is not None:
       config.data.data_dir = _DATA_DIR.value
@@ -73,11 +89,10 @@ def main(argv):
     config.eval.batch_size = batch_size
   try:
     dataset = data.make_data(config, jax.process_index(), jax.process_count())
-    if dataset.test is None:
-      raise ValueError('the config has no test split (set --test_npz)')
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  except RuntimeError as e:  # a TFDS dataset in the wrong format
+    cli.fail(cli.one_line(e))
+  if dataset.test is None:
+    cli.fail('the config has no test split (set --test_npz)')
 
   _, model, step, variables = checkpoint.load_model(
       workdir, mesh, None if _STEP.value < 0 else _STEP.value)
@@ -105,11 +120,10 @@ def main(argv):
   print(f"test bpd (IWBO, k={k}): {result['bpd_mean']:.4f} +- {result['bpd_stderr']:.4f} "
         f"(standard error, {n} images, step {step})")
   if jax.process_index() == 0:
-    output = _OUTPUT.value or os.path.join(workdir, f'eval_iwbo_k{k}.json')
     with open(output, 'w') as f:
       json.dump(result, f, indent=2)
     print(f'wrote {output}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

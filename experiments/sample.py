@@ -9,9 +9,10 @@ converted checkpoints (config.json + params).
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from denseflow_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir with config.json and checkpoints/.')
 _NUM = flags.DEFINE_integer('num', 64, 'Number of samples.')
@@ -24,9 +25,22 @@ _CACHE = flags.DEFINE_bool('compilation_cache', True, 'Use the persistent XLA co
 flags.mark_flag_as_required('workdir')
 
 
+def check_flags() -> str:
+  """The flags' ranges and the output directory, before anything is loaded; returns it."""
+  cli.check_int('--num', _NUM.value, 1)
+  cli.check_positive_finite('--temperature', _TEMPERATURE.value)
+  cli.check_int('--seed', _SEED.value, 0, 2**32 - 1)
+  cli.check_int('--step', _STEP.value, -1, note='-1 = newest readable')
+  cli.check_input_dir('--workdir', _WORKDIR.value)
+  from denseflow_jax import artifacts  # pylint: disable=g-import-not-at-top
+  out = _OUTPUT_DIR.value or os.path.join(_WORKDIR.value, artifacts.SAMPLES_DIR)
+  cli.check_output_dir('--output_dir' if _OUTPUT_DIR.value else '--workdir (DIR/samples)', out)
+  return out
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv  # checked by cli.run
+  out = check_flags()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from denseflow_jax import artifacts, checkpoint, parallel  # pylint: disable=g-import-not-at-top
@@ -35,17 +49,9 @@ def main(argv):
     from denseflow_jax.model import enable_compilation_cache  # pylint: disable=g-import-not-at-top
     enable_compilation_cache()
 
-  if _NUM.value < 1 or not _TEMPERATURE.value >= 0:
-    print(f'error: --num={_NUM.value} must be >= 1 and --temperature={_TEMPERATURE.value} >= 0',
-          file=sys.stderr)
-    sys.exit(2)
-  try:
-    mesh = parallel.make_mesh()
-    config, model, step, variables = checkpoint.load_model(
-        _WORKDIR.value, mesh, None if _STEP.value < 0 else _STEP.value)
-  except (FileNotFoundError, checkpoint.CheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  mesh = parallel.make_mesh()
+  config, model, step, variables = checkpoint.load_model(
+      _WORKDIR.value, mesh, None if _STEP.value < 0 else _STEP.value)
   devices = mesh.devices.size
   padded = -(-_NUM.value // devices) * devices  # every device draws the same number
   key = parallel.replicate(np.asarray(jax.random.PRNGKey(_SEED.value)), mesh)
@@ -53,7 +59,6 @@ def main(argv):
   images = parallel.to_host(sharded.sample(variables, key, padded, _TEMPERATURE.value))
   images = images[:_NUM.value]
   if jax.process_index() == 0:
-    out = _OUTPUT_DIR.value or os.path.join(_WORKDIR.value, artifacts.SAMPLES_DIR)
     os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f'sample_t{_TEMPERATURE.value:g}_seed{_SEED.value}')
     np.save(stem + '.npy', images)
@@ -63,4 +68,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

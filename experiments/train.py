@@ -8,16 +8,17 @@ global batch is split over them). Several hosts: start one process per host with
 variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); on Cloud TPU, SLURM or
 Open MPI, `--auto_distributed` lets jax.distributed detect them.
 
-Exit status: 0 done, 2 invalid config or data, 3 stopped on non-finite losses, 130 stopped by
-SIGINT/SIGTERM after saving a checkpoint.
+Exit status: 0 done, 2 invalid config, data or workdir (one line `error: ...` on stderr),
+3 stopped on non-finite losses, 130 stopped by SIGINT/SIGTERM after saving a checkpoint.
 """
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from denseflow_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -35,27 +36,12 @@ _CACHE = flags.DEFINE_bool('compilation_cache', True, 'Use the persistent XLA co
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def parse_flags(argv):
-  """absl flag parsing with one-line errors (bad values, --config overrides of missing fields)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  except (AttributeError, KeyError) as e:  # raised by ConfigDict for an unknown field
-    while e.args and isinstance(e.args[0], BaseException):
-      e = e.args[0]
-    message = str(e.args[0] if e.args else e).replace('\n', ' ')
-    overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
-    print(f'error: a --config override names a field that the config does not have: {message} '
-          f'(overrides given: {", ".join(overrides)})', file=sys.stderr)
-    sys.exit(2)
-
-
 def validate(config, workdir: str):
-  """All checks that can fail before compiling: model plan, devices, data vs model, workdir."""
+  """All checks that can fail before compiling: model plan, devices, data vs model, workdir,
+  the fine-tuning source."""
   import jax  # pylint: disable=g-import-not-at-top
   from denseflow_jax import checkpoint, data, train  # pylint: disable=g-import-not-at-top
+  cli.check_output_dir('--workdir', workdir)
   train.validate_config(config, jax.device_count())
   data.make_data(config, jax.process_index(), jax.process_count())
   if os.path.isfile(checkpoint.config_path(workdir)):
@@ -64,18 +50,28 @@ def validate(config, workdir: str):
       raise ValueError(f'{checkpoint.config_path(workdir)} holds a run with a different model '
                        f'({"; ".join(diffs)}); resume with the saved config or use a new '
                        '--workdir')
+  source = config.train.init_from
+  if source:
+    if not os.path.isfile(checkpoint.config_path(source)):
+      raise ValueError(f'train.init_from={source!r} has no {checkpoint.CONFIG_FILE} (expected '
+                       'the workdir of a trained run)')
+    diffs = checkpoint.model_differences(checkpoint.load_config(source), config)
+    if diffs:
+      raise ValueError(f'train.init_from={source!r} holds another model ({"; ".join(diffs)}); '
+                       'fine-tuning needs the same model config')
+    directory = checkpoint.checkpoint_dir(source)
+    if not any(n.isdigit() for n in os.listdir(directory)):
+      raise ValueError(f'train.init_from={source!r}: {directory} holds no checkpoint')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv  # checked by cli.run
   try:
     config, workdir = _CONFIG.value, _WORKDIR.value
     # A config file that failed to load raises on first use.
     config.model  # pylint: disable=pointless-statement
   except OSError as e:
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(cli.one_line(e))
   from denseflow_jax import checkpoint, parallel  # pylint: disable=g-import-not-at-top
   if not _VERBOSE_CHECKPOINTING.value:
     checkpoint.quiet_orbax_logs()
@@ -87,15 +83,13 @@ def main(argv):
   from denseflow_jax import train  # pylint: disable=g-import-not-at-top
   try:
     validate(config, workdir)
-  except (ValueError, OSError, RuntimeError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  except RuntimeError as e:
+    cli.fail(cli.one_line(e))
   try:
     train.train_and_evaluate(config, workdir)
   except train.NonFiniteError as e:
     logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(3)
+    cli.fail(cli.one_line(e), status=3)
   except train.TrainingInterrupted as e:
     logging.warning('%s', e)
     print(str(e), file=sys.stderr)
@@ -103,4 +97,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main)

@@ -122,3 +122,43 @@ def test_cli_refuses_workdir_of_another_model(tmp_path):
   assert result.returncode == 2
   assert ('holds a run with a different model (model.growth_rate: 4 -> 8); resume with the '
           'saved config or use a new --workdir') in result.stderr
+
+
+@pytest.mark.parametrize('field,value,fragment', [
+    ('train.b1', 1.5, 'train.b1=1.5 must be a finite number in [0, 1)'),
+    ('train.b2', 1.0, 'train.b2=1.0 must be a finite number in [0, 1)'),
+    ('train.b1', float('nan'), 'train.b1=nan must be a finite number in [0, 1)'),
+    ('train.lr', float('inf'), 'train.lr=inf must be a finite number > 0'),
+    ('eval.temperature', -1.0, 'eval.temperature=-1.0 must be a finite number > 0'),
+    ('eval.temperature', float('inf'), 'eval.temperature=inf must be a finite number > 0'),
+    ('train.seed', -1, 'train.seed=-1 must be an integer in 0..4294967295'),
+    ('train.batch_size', -4, 'train.batch_size=-4 must be an integer >= 1'),
+    ('eval.batch_size', 0, 'eval.batch_size=0 must be an integer >= 1'),
+    ('train.warmup_steps', 2.5, 'train.warmup_steps=2.5 must be an integer >= 0'),
+    ('model.num_bits', 5.7, 'model.num_bits = 5.7; expected an integer >= 1'),
+    ('model.num_bits', 9, 'model.num_bits=9 must be an integer in 1..8 (images are uint8)'),
+    ('model.dense_depth', 0, 'model.dense_depth = 0; expected an integer >= 1'),
+    ('model.deq_steps', 0, 'model.deq_steps = 0; expected an integer >= 1'),
+    ('model.dense_growth', 0, 'model.dense_growth = 0; expected an integer >= 1'),
+    ('model.deq_context_channels', 0, 'model.deq_context_channels = 0; expected an integer'),
+    ('model.block_conf', (2.5, 1), 'model.block_conf = (2.5, 1); expected integers'),
+    ('model.bn_momentum', 1.0, 'model.bn_momentum = 1.0'),
+])
+def test_validate_config_refuses_wrong_values(field, value, fragment):
+  """Values that used to be accepted and trained wrongly (or failed late with a traceback)."""
+  config = load('quickstart')
+  section, name = field.split('.')
+  with config.unlocked():
+    del config[section][name]  # a ConfigDict keeps the type of a field: replace it
+    config[section][name] = value
+  with pytest.raises(ValueError) as info:
+    train.validate_config(config, num_devices=1)
+  assert fragment in str(info.value), str(info.value)
+  assert 'not divisible' not in str(info.value)
+
+
+def test_unused_model_fields_are_not_checked():
+  config = load('quickstart')
+  config.model.dequantization = 'uniform'
+  config.model.deq_steps = 0  # no variational dequantizer: the field is unused
+  train.validate_config(config, num_devices=1)

@@ -1,6 +1,7 @@
 """Tests for denseflow_jax.data: sources, augmentation, deterministic resume, validation."""
 import itertools
 import os
+import re
 import time
 
 import ml_collections
@@ -323,7 +324,7 @@ def test_npz_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='nope.npz'):
     data.load_npz(missing)
   path = write_npz(tmp_path / 'a.npz', pixels=random_images(3))
-  with pytest.raises(KeyError, match=r"no array 'images' \(arrays: \['pixels'\]\)"):
+  with pytest.raises(ValueError, match=r"a.npz' has no array 'images' \(arrays: \['pixels'\]\)"):
     data.load_npz(path)
   path = write_npz(tmp_path / 'b.npz', images=random_images(3).astype(np.float32))
   with pytest.raises(ValueError, match='dtype float32, expected uint8'):
@@ -340,6 +341,31 @@ def test_npz_errors(tmp_path):
     data.load_sources(make_config('npz', train_npz=path, test_npz=path, holdout=1).data)
   with pytest.raises(ValueError, match=r"needs config.data.train_npz \(got ''\)"):
     data.load_sources(make_config('npz').data)
+
+
+def test_unreadable_npz_files_are_value_errors_naming_the_file(tmp_path):
+  good = write_npz(tmp_path / 'good.npz', images=random_images(3) // 8)
+  raw = open(good, 'rb').read()
+  cases = {'truncated.npz': (raw[:len(raw) // 2], 'cannot be read'),
+           'text.npz': (b'just some text\n' * 4, 'is not an .npz archive'),
+           'empty.npz': (b'', 'is not an .npz archive')}
+  npy = tmp_path / 'array.npy'
+  np.save(npy, random_images(3))
+  cases['npy.npz'] = (npy.read_bytes(), 'is a .npy file')
+  for name, (content, fragment) in cases.items():
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError) as info:
+      data.load_npz(str(tmp_path / name))
+    assert f"npz file '{tmp_path / name}'" in str(info.value) and fragment in str(info.value)
+    assert 'allow_pickle' not in str(info.value)
+  for value, fragment in [(np.array([5, 5]), 'integer scalar, got int64 array of shape (2,)'),
+                          (np.float64(5.7), 'integer scalar, got float64 5.7'),
+                          (np.int64(9), "'num_bits' = 9 must be in 1..8")]:
+    path = write_npz(tmp_path / 'bits.npz', images=random_images(3) // 8, num_bits=value)
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+      data.load_npz(path)
+  assert data.load_npz(write_npz(tmp_path / 'ok.npz', images=random_images(3) // 8,
+                                 num_bits=np.int32(5)))[1] == 5
 
 
 def test_make_data_errors(tmp_path):

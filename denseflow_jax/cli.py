@@ -1,0 +1,181 @@
+"""What the command-line entry points share: one-line errors, argument and output checks.
+
+`run(main)` replaces `absl.app.run(main)`: a bad flag, a bad value and every expected failure
+(`ValueError`, `OSError`, `KeyError`, unreadable checkpoints or pickles, `UsageError`) end
+the program with one line `error: ...` on stderr and exit status 2, instead of a traceback.
+Anything else (a bug) still raises with its traceback. `DENSEFLOW_JAX_TRACEBACK=1` prints
+the traceback of expected failures too.
+
+The `check_*` helpers raise `UsageError` naming the flag and its value; call them before any
+long work (loading, compiling, evaluating), so that a bad output path is refused at once.
+"""
+import math
+import numbers
+import os
+import pickle
+import sys
+import traceback
+from typing import Any, Callable, List, Optional, Sequence
+
+from absl import app, flags
+
+EXIT_USAGE = 2
+TRACEBACK_ENV = 'DENSEFLOW_JAX_TRACEBACK'
+_MAX_MESSAGE = 2000
+
+
+class UsageError(ValueError):
+  """A bad argument or path given on the command line (the message names it)."""
+
+
+def _expected_types() -> tuple:
+  types = [ValueError, OSError, KeyError, pickle.UnpicklingError, app.UsageError,
+           flags.Error]
+  checkpoint = sys.modules.get('denseflow_jax.checkpoint')  # only if imported: no import cost
+  if checkpoint is not None:
+    types.append(checkpoint.CheckpointError)
+  return tuple(types)
+
+
+def one_line(error: BaseException) -> str:
+  """The message of `error` on one line (whitespace collapsed, at most 2000 characters)."""
+  if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+    text = error.args[0]  # str(KeyError) would add quotes
+  else:
+    text = str(error)
+  text = ' '.join(text.split()) or type(error).__name__
+  if isinstance(error, OSError) and not isinstance(error, UsageError) and (
+      error.filename and str(error.filename) not in text):
+    text = f'{text}: {error.filename}'
+  if len(text) > _MAX_MESSAGE:
+    text = text[:_MAX_MESSAGE] + ' ...'
+  return text
+
+
+def fail(message: str, status: int = EXIT_USAGE) -> None:
+  """Prints `error: <message>` (one line) on stderr and exits with `status`."""
+  print(f'error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def parse_flags(argv: List[str]) -> List[str]:
+  """absl flag parsing with one-line errors (bad values, --config overrides of missing fields)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(one_line(e))
+  except (AttributeError, KeyError) as e:  # raised by ConfigDict for an unknown field
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    message = str(e.args[0] if e.args else e)
+    overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    fail(f'a --config override names a field that the config does not have: {message} '
+         f'(overrides given: {", ".join(overrides)})')
+  except (TypeError, ValueError) as e:  # a --config override of the wrong type
+    fail(one_line(e))
+  return []
+
+
+def run(main: Callable[[List[str]], Any]) -> None:
+  """`absl.app.run(main)` with expected failures turned into `error: ...` and status 2."""
+
+  def guarded(argv):
+    if len(argv) > 1:
+      fail(f'unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)')
+    try:
+      return main(argv)
+    except _expected_types() as e:  # pylint: disable=catching-non-exception
+      if os.environ.get(TRACEBACK_ENV, '') not in ('', '0'):
+        traceback.print_exc()
+      fail(one_line(e))
+
+  app.run(guarded, flags_parser=parse_flags)
+
+
+# ----------------------------------------------------------------------------- value checks
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, minimum: Optional[int] = None,
+              maximum: Optional[int] = None, note: str = '') -> int:
+  """`value` as int if it is an integer in [minimum, maximum]; UsageError naming `name`."""
+  bounds = []
+  if minimum is not None:
+    bounds.append(f'>= {minimum}')
+  if maximum is not None:
+    bounds.append(f'<= {maximum}')
+  if not _is_int(value) or (minimum is not None and value < minimum) or (
+      maximum is not None and value > maximum):
+    raise UsageError(f'{name}={value!r} must be an integer {" and ".join(bounds)}'.rstrip()
+                     + (f' ({note})' if note else ''))
+  return int(value)
+
+
+def check_positive_finite(name: str, value: Any) -> float:
+  """`value` as float if it is finite and > 0; UsageError naming `name`."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+      math.isfinite(value) and value > 0):
+    raise UsageError(f'{name}={value!r} must be a finite number > 0')
+  return float(value)
+
+
+# ----------------------------------------------------------------------------- path checks
+
+
+def _nearest_existing(path: str) -> str:
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return path
+
+
+def check_output_dir(name: str, path: str) -> str:
+  """Refuses a directory we could not create or write to (a file, or no write permission).
+
+  The directory need not exist: the nearest existing ancestor must be a writable directory.
+  Nothing is created. Returns the absolute path.
+  """
+  if not path:
+    raise UsageError(f'{name} is empty')
+  full = os.path.abspath(os.path.expanduser(path))
+  if os.path.exists(full) and not os.path.isdir(full):
+    raise UsageError(f'{name}={path!r} is a file, not a directory')
+  existing = _nearest_existing(full)
+  if not os.path.isdir(existing):
+    raise UsageError(f'{name}={path!r}: {existing} is a file, not a directory')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UsageError(f'{name}={path!r}: {existing} is not writable')
+  return full
+
+
+def check_output_file(name: str, path: str) -> str:
+  """Refuses a file path whose directory does not exist or is not writable, or a directory."""
+  full = os.path.abspath(os.path.expanduser(path))
+  parent = os.path.dirname(full)
+  if os.path.isdir(full):
+    raise UsageError(f'{name}={path!r} is a directory, expected a file path')
+  if not os.path.isdir(parent):
+    raise UsageError(f'{name}={path!r}: the directory {parent} does not exist')
+  if not os.access(parent, os.W_OK | os.X_OK) or (
+      os.path.exists(full) and not os.access(full, os.W_OK)):
+    raise UsageError(f'{name}={path!r} is not writable')
+  return full
+
+
+def check_input_dir(name: str, path: str, needs: Sequence[str] = ()) -> str:
+  """Refuses a missing directory (or a file), or one that lacks any of `needs` (relative)."""
+  full = os.path.abspath(os.path.expanduser(path or ''))
+  if not path or not os.path.exists(full):
+    raise UsageError(f'{name}={path!r}: no such directory ({full})')
+  if not os.path.isdir(full):
+    raise UsageError(f'{name}={path!r} is a file, not a directory')
+  missing = [n for n in needs if not os.path.exists(os.path.join(full, n))]
+  if missing:
+    raise UsageError(f'{name}={path!r} lacks {", ".join(missing)}')
+  return full
