@@ -16,10 +16,9 @@ Writes `--output` (default DIR/fid.json with --workdir): fid, counts, spec, seco
 import json
 import os
 import re
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir whose model is sampled.')
 _DATA = flags.DEFINE_string('data', None, 'Instead of --workdir: a data spec (real vs real).')
@@ -39,21 +38,6 @@ _SAVE_STATS = flags.DEFINE_string('save_stats', '', 'Also write the statistics o
                                   '(or --data) to this .npz.')
 _OUTPUT = flags.DEFINE_string('output', '', 'JSON result (default DIR/fid.json with --workdir).')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'TFDS data_dir for tfds specs.')
-
-
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
-def _check_writable(path: str, what: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path)) or '.'
-  if os.path.isdir(path):
-    _fail(f'{what} {path} is a directory')
-  if not os.path.isdir(directory):
-    _fail(f'{what} {path}: folder {directory} does not exist')
-  if not os.access(directory, os.W_OK):
-    _fail(f'{what} {path}: folder {directory} is not writable')
 
 
 def _source_batches(source, num: int, batch: int):
@@ -91,23 +75,26 @@ def _stats_of_spec(network, spec: str, num: int, cache_dir: str, log):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv
+  from denseflow_jax import cli  # pylint: disable=g-import-not-at-top
   if (_WORKDIR.value is None) == (_DATA.value is None):
-    _fail('give exactly one of --workdir (sample a model) and --data (a data set)')
+    raise cli.UsageError('give exactly one of --workdir (sample a model) and --data (a data set)')
   if not _REFERENCE.value:
-    _fail('--reference is required (a data spec such as cifar10:train, or a statistics .npz)')
-  if _NUM.value < (1 if _WORKDIR.value else 0) or _BATCH.value < 1 or _REFERENCE_NUM.value < 0:
-    _fail(f'--num={_NUM.value}, --batch={_BATCH.value} and --reference_num={_REFERENCE_NUM.value} '
-          'must be >= 1, >= 1 and >= 0')
-  if not (0 < _TEMPERATURE.value < float('inf')):
-    _fail(f'--temperature={_TEMPERATURE.value} must be finite and > 0')
-  if _WORKDIR.value and not os.path.isdir(_WORKDIR.value):
-    _fail(f'--workdir {_WORKDIR.value} is not a directory')
+    raise cli.UsageError('--reference is required (a data spec such as cifar10:train, or a '
+                         'statistics .npz)')
+  cli.check_int('--num', _NUM.value, 1 if _WORKDIR.value else 0)
+  cli.check_int('--batch', _BATCH.value, 1)
+  cli.check_int('--reference_num', _REFERENCE_NUM.value, 0)
+  cli.check_int('--seed', _SEED.value, 0)
+  cli.check_positive_finite('--temperature', _TEMPERATURE.value)
+  if _WORKDIR.value:
+    cli.check_input_dir('--workdir', _WORKDIR.value, ('config.json',))
   output = _OUTPUT.value or (os.path.join(_WORKDIR.value, 'fid.json') if _WORKDIR.value else '')
   for path, what in ((output, '--output'), (_SAVE_STATS.value, '--save_stats')):
     if path:
-      _check_writable(path, what)
+      cli.check_output_file(what, path)
+  if _STATS_CACHE.value:
+    cli.check_output_dir('--stats_cache', _STATS_CACHE.value)
 
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -118,44 +105,41 @@ def main(argv):
   checkpoint.quiet_orbax_logs()
   log = print if jax.process_index() == 0 else (lambda *_: None)
   start = time.monotonic()
-  try:
-    mesh = parallel.make_mesh()
-    network = InceptionFeatures(_INCEPTION.value, _BATCH.value, mesh)
-    log(f'Inception weights {inception.find_weights(_INCEPTION.value)} ({network.name}), '
-        f'{mesh.devices.size} device(s)')
-    ref_stats, ref_where = _stats_of_spec(network, _REFERENCE.value, _REFERENCE_NUM.value,
-                                          _STATS_CACHE.value, log)
-    if _DATA.value:
-      source = data.source_from_spec(_DATA.value, _DATA_DIR.value)
-      n = len(source) if _NUM.value <= 0 else min(_NUM.value, len(source))
-      features = extract(network, _source_batches(source, n, _BATCH.value), n,
-                         f'features of {_DATA.value}', log)
-      what = {'data': _DATA.value}
-    else:
-      config, model, step, variables = checkpoint.load_model(
-          _WORKDIR.value, mesh, None if _STEP.value < 0 else _STEP.value)
-      sharded = parallel.ShardedModel(model, mesh)
-      batch = -(-_BATCH.value // mesh.devices.size) * mesh.devices.size
-      key = jax.random.key(_SEED.value)
+  mesh = parallel.make_mesh()
+  network = InceptionFeatures(_INCEPTION.value, _BATCH.value, mesh)
+  log(f'Inception weights {inception.find_weights(_INCEPTION.value)} ({network.name}), '
+      f'{mesh.devices.size} device(s)')
+  ref_stats, ref_where = _stats_of_spec(network, _REFERENCE.value, _REFERENCE_NUM.value,
+                                        _STATS_CACHE.value, log)
+  if _DATA.value:
+    source = data.source_from_spec(_DATA.value, _DATA_DIR.value)
+    n = len(source) if _NUM.value <= 0 else min(_NUM.value, len(source))
+    features = extract(network, _source_batches(source, n, _BATCH.value), n,
+                       f'features of {_DATA.value}', log)
+    what = {'data': _DATA.value}
+  else:
+    config, model, step, variables = checkpoint.load_model(
+        _WORKDIR.value, mesh, None if _STEP.value < 0 else _STEP.value)
+    sharded = parallel.ShardedModel(model, mesh)
+    batch = -(-_BATCH.value // mesh.devices.size) * mesh.devices.size
+    key = jax.random.key(_SEED.value)
 
-      def sample_batches():
-        for i in range(0, _NUM.value, batch):
-          images = parallel.to_host(sharded.sample(
-              variables, jax.random.key_data(jax.random.fold_in(key, i)), batch,
-              _TEMPERATURE.value))
-          yield artifacts.to_uint8(images[:min(batch, _NUM.value - i)], config.model.num_bits)
+    def sample_batches():
+      for i in range(0, _NUM.value, batch):
+        images = parallel.to_host(sharded.sample(
+            variables, jax.random.key_data(jax.random.fold_in(key, i)), batch,
+            _TEMPERATURE.value))
+        yield artifacts.to_uint8(images[:min(batch, _NUM.value - i)], config.model.num_bits)
 
-      log(f'sampling {_NUM.value} images from step {step} of {_WORKDIR.value} '
-          f'(T={_TEMPERATURE.value:g}, batches of {batch})')
-      features = extract(network, sample_batches(), _NUM.value, 'samples and features', log)
-      what = {'workdir': os.path.abspath(_WORKDIR.value), 'step': int(step),
-              'temperature': _TEMPERATURE.value, 'seed': _SEED.value}
-    stats = feature_stats(features)
-    if _SAVE_STATS.value and jax.process_index() == 0:
-      frechet.save_stats(_SAVE_STATS.value, stats)
-    fid = frechet_distance(stats, ref_stats)
-  except (FileNotFoundError, ValueError, checkpoint.CheckpointError, OSError) as e:
-    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    log(f'sampling {_NUM.value} images from step {step} of {_WORKDIR.value} '
+        f'(T={_TEMPERATURE.value:g}, batches of {batch})')
+    features = extract(network, sample_batches(), _NUM.value, 'samples and features', log)
+    what = {'workdir': os.path.abspath(_WORKDIR.value), 'step': int(step),
+            'temperature': _TEMPERATURE.value, 'seed': _SEED.value}
+  stats = feature_stats(features)
+  if _SAVE_STATS.value and jax.process_index() == 0:
+    frechet.save_stats(_SAVE_STATS.value, stats)
+  fid = frechet_distance(stats, ref_stats)
   seconds = time.monotonic() - start
   result = {'fid': fid, 'num': stats.count, 'reference': _REFERENCE.value,
             'reference_num': ref_stats.count, 'reference_stats': ref_where,
@@ -171,4 +155,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from denseflow_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

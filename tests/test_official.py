@@ -565,3 +565,82 @@ def test_official_noise_mapping():
   assert noise['block1_unit1'].shape == (2, 8, 8, 4)
   with pytest.raises(ValueError, match='transforms.4.unit1'):
     official.official_noise(None, {'transforms.4.unit1': eta})
+
+
+def test_reader_refuses_size_bombs_before_allocating(tmp_path):
+  """A stride-0 view far larger than its storage, a storage member that inflates far beyond its
+  compressed size, and a storage that declares more bytes than its member holds: each is refused
+  from the sizes alone, before anything is inflated or allocated."""
+  one = np.zeros(1, '<f4').tobytes()
+  bomb = _torch_like_pickle({'t': ('0', 'FloatStorage', 1, 0, (65536, 65536), (0, 0))})
+  path = _checkpoint_zip(tmp_path / 'stride0.pt', bomb, storages={'0': one})
+  with pytest.raises(official.OfficialCheckpointError, match=r'16\.00 GiB.*max_bytes'):
+    official.read_torch_checkpoint(path)
+  # A legitimate stride-0 (expanded) tensor of modest size still reads.
+  small = _torch_like_pickle({'t': ('0', 'FloatStorage', 1, 0, (3, 4), (0, 0))})
+  obj = official.read_torch_checkpoint(_checkpoint_zip(tmp_path / 'small.pt', small,
+                                                       storages={'0': one}))
+  assert obj['t'].shape == (3, 4) and not obj['t'].any()
+
+  # 64 MiB of zeros deflate to ~64 KiB: refused from the member's header, never inflated.
+  numel = 16 << 20
+  payload = _torch_like_pickle({'t': ('0', 'FloatStorage', numel, 0, (numel,), (1,))})
+  zipped = tmp_path / 'zipbomb.pt'
+  with zipfile.ZipFile(zipped, 'w') as zf:
+    zf.writestr('archive/data.pkl', payload)
+    zf.writestr('archive/data/0', bytes(4 * numel), compress_type=zipfile.ZIP_DEFLATED)
+  assert os.path.getsize(zipped) < 1 << 20
+  with pytest.raises(official.OfficialCheckpointError, match='zip bomb'):
+    official.read_torch_checkpoint(str(zipped))
+  # A declared storage larger than the cap is refused before its member is looked at.
+  with pytest.raises(official.OfficialCheckpointError, match='max_bytes'):
+    official.read_torch_checkpoint(str(zipped), max_bytes=1 << 20)
+  # The declared element count must match the member's size exactly.
+  short = _torch_like_pickle({'t': ('0', 'FloatStorage', 8, 0, (8,), (1,))})
+  with pytest.raises(official.OfficialCheckpointError, match='holds 4 bytes, expected 32'):
+    official.read_torch_checkpoint(_checkpoint_zip(tmp_path / 'short8.pt', short,
+                                                   storages={'0': one}))
+
+
+def _legacy_file(path, payload: bytes, storages, keys=None, little_endian=True):
+  """A legacy (non-zip) torch.save file: magic, protocol, sys info, object, keys, storages."""
+  with open(path, 'wb') as f:
+    for header in (0x1950a86a20f9469cfc6c, 1001,
+                   {'protocol_version': 1001, 'little_endian': little_endian,
+                    'type_sizes': {'short': 2, 'int': 4, 'long': 4}}):
+      f.write(pickle.dumps(header, protocol=2))
+    f.write(payload)
+    f.write(pickle.dumps(list(storages) if keys is None else keys, protocol=2))
+    for data, itemsize in storages.values():
+      f.write((len(data) // itemsize).to_bytes(8, 'little'))
+      f.write(data)
+  return str(path)
+
+
+def test_legacy_format_reads_and_checks_sizes(tmp_path):
+  floats = np.arange(10, dtype='<f4')
+  payload = _torch_like_pickle({'t': ('0', 'FloatStorage', 10, 1, (2, 3), (1, 2))})
+  obj = official.read_torch_checkpoint(_legacy_file(tmp_path / 'ok.pt', payload,
+                                                    {'0': (floats.tobytes(), 4)}))
+  np.testing.assert_array_equal(obj['t'], np.lib.stride_tricks.as_strided(floats[1:], (2, 3),
+                                                                           (4, 8)))
+  # Fewer elements stored than declared, a truncated file, a key list naming another storage.
+  with pytest.raises(official.OfficialCheckpointError, match='declares 10 elements'):
+    official.read_torch_checkpoint(_legacy_file(tmp_path / 'few.pt', payload,
+                                                {'0': (floats[:4].tobytes(), 4)}))
+  good = open(tmp_path / 'ok.pt', 'rb').read()
+  (tmp_path / 'cut.pt').write_bytes(good[:-8])
+  with pytest.raises(official.OfficialCheckpointError, match='storage 0'):
+    official.read_torch_checkpoint(str(tmp_path / 'cut.pt'))
+  with pytest.raises(official.OfficialCheckpointError, match=r"\['0'\] are used but not stored"):
+    official.read_torch_checkpoint(_legacy_file(tmp_path / 'keys.pt', payload,
+                                                {'0': (floats.tobytes(), 4)}, keys=['9']))
+  # A malicious object pickle in the legacy layout is refused like in a zip.
+  evil = pickle.dumps(collections.OrderedDict(w=_WritesMarker(str(tmp_path / 'marker'))),
+                      protocol=2)
+  with pytest.raises(official.UnsafePickleError, match='refusing to load global'):
+    official.read_torch_checkpoint(_legacy_file(tmp_path / 'evil.pt', evil, {}))
+  assert not (tmp_path / 'marker').exists()
+  (tmp_path / 'text.pt').write_text('not a checkpoint')
+  with pytest.raises(official.OfficialCheckpointError, match='not a torch.save file'):
+    official.read_torch_checkpoint(str(tmp_path / 'text.pt'))

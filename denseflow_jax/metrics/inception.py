@@ -188,7 +188,10 @@ def preprocess(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
   if jnp.issubdtype(images.dtype, jnp.integer):
     # As pytorch-fid's loader (torchvision's ToTensor): x / 255 in float32, whatever the model's
     # precision (a float64 model sees the float32 quotient).
-    x = (images.astype(jnp.float32) / 255.0).astype(dtype)
+    # A table of the correctly rounded quotients: XLA would turn the division into a
+    # multiplication by 1/255, which rounds differently.
+    quotients = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    x = jnp.asarray(quotients)[images.astype(jnp.int32)].astype(dtype)
   else:
     x = images.astype(dtype)
   if x.shape[-1] == 1:
