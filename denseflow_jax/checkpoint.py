@@ -23,11 +23,15 @@ being a pytree checkpoint (`StandardCheckpointer().save(step_dir, tree)`).
 import json
 import logging as logging_std
 import os
+import asyncio
 import errno
+import gc
 import hashlib
 import shutil
 import sys
+import threading
 import time
+import types
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
@@ -48,7 +52,13 @@ IMPLEMENTATION_ONLY_FIELDS = ('remat',)
 
 # orbax records that only repeat an error our own message reports (in one line).
 _ORBAX_DROPPED = ('raised an exception', 'Metadata file does not exist',
-                  'Failed to get item metadata', 'Save Finalize thread')
+                  'Failed to get item metadata', 'Save Finalize thread',
+                  'Handler Commit operations')
+
+
+# orbax threads that write one checkpoint in the background.
+_ORBAX_WRITER_THREADS = ('write_metadata_after_commits', 'serialize_shardings', 'save_finalize',
+                         'async_save')
 
 
 class _QuietOrbax(logging_std.Filter):
@@ -87,14 +97,28 @@ def _describe_error(e: BaseException) -> str:
   return f'{type(e).__name__}: {_first_line(str(e))}' if str(e) else type(e).__name__
 
 
+class _QuietAbandonedFutures(logging_std.Filter):
+  """Drops asyncio's reports of the futures and tasks a failed orbax save or restore left
+  behind ("Future exception was never retrieved", "Task was destroyed but it is pending"):
+  the failure itself is reported once, by this module."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ('was never retrieved' in message or 'destroyed but it is pending' in message)
+
+
 def _quiet_closed_loop_errors() -> None:
-  """Silences `RuntimeError('Event loop is closed')` raised in TensorStore callbacks.
+  """Silences `RuntimeError('Event loop is closed')` raised in TensorStore callbacks (and the
+  finalisation errors at exit of orbax's write coroutines abandoned by a failed save).
 
   When an orbax restore fails, TensorStore still completes the reads in flight and hands the
   results to the asyncio loop of a checkpointer that has already been closed; Python prints
   each as an ignored exception with its traceback (dozens per bad checkpoint). Only that
   exact error is dropped; every other ignored exception goes to the previous hook.
   """
+  asyncio_logger = logging_std.getLogger('asyncio')
+  if not any(isinstance(f, _QuietAbandonedFutures) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_QuietAbandonedFutures())
   previous = sys.unraisablehook
   if getattr(previous, '_denseflow_quiet', False):
     return
@@ -103,6 +127,9 @@ def _quiet_closed_loop_errors() -> None:
     value = unraisable.exc_value
     if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
       return
+    if isinstance(value, ImportError) and 'likely shutting down' in str(value) and (
+        'orbax' in repr(unraisable.object) or 'write_fragment' in repr(unraisable.object)):
+      return  # an abandoned orbax write coroutine finalised at exit, after a failed save
     previous(unraisable)
 
   hook._denseflow_quiet = True  # pylint: disable=protected-access
@@ -470,6 +497,33 @@ def _write_cause(error: BaseException) -> str:
   return _first_line(joined) or 'unknown error'
 
 
+def _close_abandoned_writes() -> None:
+  """Closes the write coroutines that orbax abandoned in its closed event loop.
+
+  After the first failed write of a save (e.g. a full disk) orbax closes the loop with the
+  other writes of the step still suspended in it; left alone they are finalised at exit, when
+  each prints a traceback (and the loop's "Task was destroyed but it is pending"). Closing
+  them here runs their cleanup while the interpreter is intact.
+  """
+  gc.collect()
+  for obj in gc.get_objects():
+    try:
+      if isinstance(obj, asyncio.Task) and not obj.done() and obj.get_loop().is_closed():
+        obj._log_destroy_pending = False  # pylint: disable=protected-access
+        coroutine = obj.get_coro()
+      elif isinstance(obj, types.CoroutineType) and obj.cr_frame is not None and (
+          '/orbax/' in obj.cr_code.co_filename):
+        coroutine = obj
+      else:
+        continue
+      if coroutine is not None and getattr(coroutine, 'cr_frame', None) is not None:
+        coroutine.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+  gc.collect()
+  _quiet_closed_loop_errors()
+
+
 class Checkpoints:
   """orbax `CheckpointManager` over `<workdir>/checkpoints` (atomic, keep the newest K).
 
@@ -486,6 +540,7 @@ class Checkpoints:
     self.directory = checkpoint_dir(workdir)
     self.workdir = os.path.abspath(workdir)
     self._pending: Optional[int] = None
+    self._closed = False
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=asynchronous)
@@ -499,15 +554,30 @@ class Checkpoints:
     return sorted(self.manager.all_steps())
 
   def _write_failed(self, step: int, error: BaseException) -> CheckpointWriteError:
-    """Removes the unfinished step (process 0) and describes the failure in one line."""
+    """Removes the unfinished step (process 0) and describes the failure in one line.
+
+    The manager is closed first (the other writers of the step may still be running); the run
+    stops on this error, so nothing saves again.
+    """
+    self._close_manager()
+    # orbax stops waiting at the first failed write; its other writer threads of the step may
+    # still run (and recreate files): let them end before removing the step.
+    for thread in threading.enumerate():
+      if thread.name in _ORBAX_WRITER_THREADS:
+        try:
+          thread.join(timeout=60)
+        except Exception:  # pylint: disable=broad-except
+          pass  # orbax's threads re-raise their failure on join
+    _close_abandoned_writes()
     if jax.process_index() == 0 and os.path.isdir(self.directory):
-      for name in os.listdir(self.directory):
-        if name == str(step) or name.startswith(f'{step}.orbax-checkpoint-tmp'):
+      for _ in range(3):  # a late write may recreate it (a restart removes what is left)
+        names = [n for n in os.listdir(self.directory)
+                 if n == str(step) or n.startswith(f'{step}.orbax-checkpoint-tmp')]
+        if not names:
+          break
+        for name in names:
           shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-    try:
-      self.manager.reload()
-    except Exception:  # pylint: disable=broad-except
-      pass
+        time.sleep(0.2)
     kept = [s for s in _step_dirs(self.directory) if s != step]
     previous = (f'the previous checkpoint {kept[-1]} is intact' if kept else
                 'no earlier checkpoint exists')
@@ -569,10 +639,16 @@ class Checkpoints:
     try:
       self._commit_pending()
     finally:
-      try:
-        self.manager.close()
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning('closing the checkpoint manager: %s', _describe_error(e))
+      self._close_manager()
+
+  def _close_manager(self) -> None:
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      pass  # a failed background write: reported by `_write_failed`
 
   def _verify(self, step_dir: str) -> bool:
     """The manifest check on process 0, its outcome on every process."""
