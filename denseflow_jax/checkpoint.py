@@ -67,12 +67,12 @@ class _QuietOrbax(logging_std.Filter):
   their first line (no traceback, no TensorStore spec)."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
+    message = record.getMessage()
+    if any(text in message for text in _ORBAX_DROPPED):
+      return False
     if '/orbax/' not in record.pathname:
       return True
     if record.levelno < logging_std.WARNING:
-      return False
-    message = record.getMessage()
-    if any(text in message for text in _ORBAX_DROPPED):
       return False
     record.msg, record.args = _first_line(message), None
     record.exc_info, record.exc_text, record.stack_info = None, None, None
@@ -81,9 +81,11 @@ class _QuietOrbax(logging_std.Filter):
 
 def quiet_orbax_logs() -> None:
   """Hides orbax's INFO logs and its echoes of reported errors (entry points call this)."""
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
-    handler.addFilter(_QuietOrbax())
+  # On the handler (absl's, when the program runs under absl.app) and on the `absl` logger
+  # (whatever handler the program uses).
+  for target in (logging.get_absl_handler(), logging_std.getLogger('absl')):
+    if not any(isinstance(f, _QuietOrbax) for f in target.filters):
+      target.addFilter(_QuietOrbax())
   _quiet_closed_loop_errors()
 
 
