@@ -27,9 +27,18 @@ Semantics:
 - Non-finite loss or gradient: the update is skipped inside the jitted step (params,
   optimizer state and BatchNorm statistics keep their values, the step counter advances to the
   next batch); `max_consecutive_nonfinite` skips in a row stop training with
-  `NonFiniteError`, leaving the last checkpoint (written after a finite update) in place: no
+  `NonFiniteError`. The last finite state is always on disk by then: the first skip of a run
+  of skipped steps saves a checkpoint (its parameters are those of the last finite update)
+  unless one written since that update exists, and the error names that checkpoint. No
   periodic checkpoint is written during a run of skipped steps, and none from a non-finite
   state.
+- The workdir: a training run holds `<workdir>/train.lock` (`workdir_lock`) from start to end;
+  a second run on the same workdir stops at once with `WorkdirLockedError` naming the holder.
+  A checkpoint that cannot be written (full disk, I/O or permission error) stops the run with
+  `checkpoint.CheckpointWriteError` naming the path and the cause; the previous checkpoints
+  stay intact and rerunning resumes from the newest. At the restart, corrupt checkpoints are
+  moved aside (see `checkpoint.Checkpoints`); one that does not fit the model, or cannot be
+  read for lack of permission, stops the run before anything is written.
 - ActNorm data-dependent init: `model.init` on the first training batch (global batch, so the
   statistics are the same on every device and host).
 - Fine-tuning: `config.train.init_from = '<workdir of a trained run>'` loads its newest
@@ -431,7 +440,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Uses every visible device (all hosts) with the batch sharded over them. Raises
   `NonFiniteError` after `max_consecutive_nonfinite` skipped steps in a row and
-  `TrainingInterrupted` after saving on SIGINT/SIGTERM. `nonfinite_steps`: testing hook, see
+  `TrainingInterrupted` after saving on SIGINT/SIGTERM; `checkpoint.CheckpointError`
+  subclasses (`WorkdirLockedError`, `CheckpointWriteError`, `CheckpointMismatchError`,
+  `CheckpointAccessError`) for a workdir that is in use, cannot be written, or holds
+  checkpoints of another model or unreadable ones. `nonfinite_steps`: testing hook, see
   `make_train_step`.
   """
   validate_config(config)
@@ -550,9 +562,9 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
               ckpts.wait()
               finite_saved = done
           if count >= t.max_consecutive_nonfinite:
-            where = (f'checkpoint {finite_saved} in {ckpts.directory} holds the last finite state '
+            where = (f'Checkpoint {finite_saved} in {ckpts.directory} holds the last finite state '
                      f'(the parameters after step {last_finite})' if finite_saved is not None
-                     else f'no checkpoint of a finite state could be saved in {ckpts.directory}')
+                     else f'No checkpoint of a finite state could be saved in {ckpts.directory}')
             raise NonFiniteError(
                 f'{count} consecutive training steps (up to step {step}) had a non-finite loss '
                 f'or gradient; stopping. {where}: lower train.lr, set train.grad_clip_norm, or '
@@ -560,8 +572,9 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
         streak = int(metrics['nonfinite'])
         if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == total_steps:
           if streak:  # keep the last checkpoint of a finite update
-            logging.warning('step %d: not saving a checkpoint during a run of %d skipped steps',
-                            done, streak)
+            if finite_saved != done:
+              logging.warning('step %d: not saving a checkpoint during a run of %d skipped '
+                              'steps', done, streak)
           elif _save(ckpts, state):
             finite_saved = done
         if (t.eval_every and done % t.eval_every == 0) or (
