@@ -421,10 +421,15 @@ def structure_differences(stored: PyTree, expected: PyTree, item: str) -> List[s
 
 
 def _stored_tree(item_dir: str) -> PyTree:
+  """The stored leaves' metadata; ValueError when orbax cannot read it (it returns None then,
+  e.g. for damaged array data) or it holds no arrays."""
   with ocp.StandardCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(item_dir)
   tree = getattr(metadata, 'item_metadata', metadata)
-  return getattr(tree, 'tree', tree)
+  tree = getattr(tree, 'tree', tree)
+  if tree is None or not jax.tree.leaves(tree):
+    raise ValueError('orbax found no readable array metadata')
+  return tree
 
 
 def check_structure(step_dir: str, expected: Dict[str, PyTree]) -> None:

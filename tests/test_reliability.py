@@ -469,12 +469,13 @@ import sys
 from absl import logging
 from denseflow_jax import checkpoint
 checkpoint.quiet_orbax_logs()
-print('loaded step', checkpoint.load_variables(sys.argv[1])[0])
+print('loaded step', checkpoint.load_model(sys.argv[1])[2])  # with the model's structure
 '''
 
 
 def test_a_bad_checkpoint_costs_a_few_log_lines(reference, env, tmp_path):
-  """Truncated data files: no asyncio 'Event loop is closed' blocks, no TensorStore specs."""
+  """Truncated data files: no asyncio 'Event loop is closed' blocks, no TensorStore specs;
+  and unreadable array metadata is corruption, not a model mismatch."""
   workdir = str(tmp_path / 'copy')
   shutil.copytree(reference[0], workdir)
   steps = _checkpoint_steps(workdir)
