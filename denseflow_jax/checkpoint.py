@@ -19,14 +19,20 @@ holding just those two items is a valid workdir. `load_variables` also accepts t
 ways of writing {'params', 'batch_stats'} with orbax: one pytree item named `default`
 (`CheckpointManager.save(step, args=StandardSave(tree))`) or the step directory itself
 being a pytree checkpoint (`StandardCheckpointer().save(step_dir, tree)`).
+
+Errors (`CheckpointError` and its subclasses, one line each): a checkpoint whose files are
+damaged is `CheckpointCorruptError` (skipped, and moved aside by training); one that does not
+fit the model is `CheckpointMismatchError` and one that cannot be read for lack of permission
+`CheckpointAccessError` (both stop, nothing is moved); a failed save is
+`CheckpointWriteError`.
 """
-import json
-import logging as logging_std
-import os
 import asyncio
 import errno
 import gc
 import hashlib
+import json
+import logging as logging_std
+import os
 import shutil
 import sys
 import threading
@@ -596,6 +602,8 @@ class Checkpoints:
   def _commit_pending(self) -> None:
     """Waits for the pending save; writes its manifest and logs it, or raises why not."""
     step, self._pending = self._pending, None
+    if self._closed:  # after a failed write: nothing is pending any more
+      return
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
