@@ -9,25 +9,42 @@ Layout of a workdir (shared by training, evaluation, sampling and converted offi
                                       has none, e.g. Glow couplings)
       training/                       {'step', 'opt_state', 'rng', 'nonfinite'}: only in
                                       training checkpoints
-  <workdir>/checkpoints_corrupt/<step>/  checkpoints found unreadable at restart, moved aside
+      denseflow_manifest.json         size and SHA-256 of every other file of the step, written
+                                      after orbax committed the step and checked before restoring
+  <workdir>/checkpoints_corrupt/<step>-<time>/  checkpoints found corrupt at restart, moved aside
+  <workdir>/train.lock                held by the training run using the workdir (workdir_lock)
 
 Evaluation and sampling only need `params` (+ `batch_stats`), so a converted checkpoint
 holding just those two items is a valid workdir. `load_variables` also accepts the two other
 ways of writing {'params', 'batch_stats'} with orbax: one pytree item named `default`
 (`CheckpointManager.save(step, args=StandardSave(tree))`) or the step directory itself
 being a pytree checkpoint (`StandardCheckpointer().save(step_dir, tree)`).
+
+Errors (`CheckpointError` and its subclasses, one line each): a checkpoint whose files are
+damaged is `CheckpointCorruptError` (skipped, and moved aside by training); one that does not
+fit the model is `CheckpointMismatchError` and one that cannot be read for lack of permission
+`CheckpointAccessError` (both stop, nothing is moved); a failed save is
+`CheckpointWriteError`.
 """
+import asyncio
+import errno
+import gc
+import hashlib
 import json
 import logging as logging_std
 import os
 import shutil
+import sys
+import threading
 import time
+import types
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -39,18 +56,92 @@ ITEM_PARAMS, ITEM_BATCH_STATS, ITEM_TRAINING = 'params', 'batch_stats', 'trainin
 IMPLEMENTATION_ONLY_FIELDS = ('remat',)
 
 
+# orbax records that only repeat an error our own message reports (in one line).
+_ORBAX_DROPPED = ('raised an exception', 'Metadata file does not exist',
+                  'Failed to get item metadata', 'Save Finalize thread',
+                  'Handler Commit operations')
+
+
+# orbax threads that write one checkpoint in the background.
+_ORBAX_WRITER_THREADS = ('write_metadata_after_commits', 'serialize_shardings', 'save_finalize',
+                         'async_save')
+
+
 class _QuietOrbax(logging_std.Filter):
-  """Drops orbax's INFO records (a dozen per checkpoint); its warnings and errors pass."""
+  """Drops orbax's INFO records (a dozen per checkpoint) and the warnings and errors that only
+  echo a failure this module reports itself; other orbax warnings and errors pass, cut to
+  their first line (no traceback, no TensorStore spec)."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
+    message = record.getMessage()
+    if any(text in message for text in _ORBAX_DROPPED):
+      return False
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.levelno < logging_std.WARNING:
+      return False
+    record.msg, record.args = _first_line(message), None
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
 
 
 def quiet_orbax_logs() -> None:
-  """Hides orbax's INFO logs from the absl handler (entry points call this)."""
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
-    handler.addFilter(_QuietOrbax())
+  """Hides orbax's INFO logs and its echoes of reported errors (entry points call this)."""
+  # On the handler (absl's, when the program runs under absl.app) and on the `absl` logger
+  # (whatever handler the program uses).
+  for target in (logging.get_absl_handler(), logging_std.getLogger('absl')):
+    if not any(isinstance(f, _QuietOrbax) for f in target.filters):
+      target.addFilter(_QuietOrbax())
+  _quiet_closed_loop_errors()
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+  """The first line of `text`, at most `limit` characters."""
+  line = text.strip().splitlines()[0] if text.strip() else ''
+  return line if len(line) <= limit else line[:limit] + ' ...'
+
+
+def _describe_error(e: BaseException) -> str:
+  return f'{type(e).__name__}: {_first_line(str(e))}' if str(e) else type(e).__name__
+
+
+class _QuietAbandonedFutures(logging_std.Filter):
+  """Drops asyncio's reports of the futures and tasks a failed orbax save or restore left
+  behind ("Future exception was never retrieved", "Task was destroyed but it is pending"):
+  the failure itself is reported once, by this module."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ('was never retrieved' in message or 'destroyed but it is pending' in message)
+
+
+def _quiet_closed_loop_errors() -> None:
+  """Silences `RuntimeError('Event loop is closed')` raised in TensorStore callbacks (and the
+  finalisation errors at exit of orbax's write coroutines abandoned by a failed save).
+
+  When an orbax restore fails, TensorStore still completes the reads in flight and hands the
+  results to the asyncio loop of a checkpointer that has already been closed; Python prints
+  each as an ignored exception with its traceback (dozens per bad checkpoint). Only that
+  exact error is dropped; every other ignored exception goes to the previous hook.
+  """
+  asyncio_logger = logging_std.getLogger('asyncio')
+  if not any(isinstance(f, _QuietAbandonedFutures) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_QuietAbandonedFutures())
+  previous = sys.unraisablehook
+  if getattr(previous, '_denseflow_quiet', False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+      return
+    if isinstance(value, ImportError) and 'likely shutting down' in str(value) and (
+        'orbax' in repr(unraisable.object) or 'write_fragment' in repr(unraisable.object)):
+      return  # an abandoned orbax write coroutine finalised at exit, after a failed save
+    previous(unraisable)
+
+  hook._denseflow_quiet = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 # ----------------------------------------------------------------------------- config file
@@ -179,31 +270,364 @@ def _all_finite(tree: PyTree) -> bool:
 
 
 class CheckpointError(RuntimeError):
-  """No readable checkpoint where one was expected."""
+  """A checkpoint or workdir problem that stops the run (the message is one line naming it)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+  """A checkpoint whose files are damaged: checksum or size mismatch, truncation, bad data."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """An intact checkpoint that does not fit the model (other shapes, missing or extra items)."""
+
+
+class CheckpointAccessError(CheckpointError):
+  """A checkpoint that this process may not read (permission denied)."""
+
+
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint could not be written (disk full, permissions, I/O error)."""
+
+
+# ----------------------------------------------------------------------------- checksums
+
+MANIFEST_FILE = 'denseflow_manifest.json'
+_MANIFEST_VERSION = 1
+
+
+def _data_files(step_dir: str) -> List[str]:
+  """Relative paths of every file of a step directory except the manifest, sorted."""
+  out = []
+  for root, dirs, files in os.walk(step_dir):
+    dirs.sort()
+    for name in files:
+      rel = os.path.relpath(os.path.join(root, name), step_dir)
+      if not rel.startswith(MANIFEST_FILE):
+        out.append(rel)
+  return sorted(out)
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def write_manifest(step_dir: str) -> str:
+  """Writes `<step_dir>/denseflow_manifest.json` (size and SHA-256 of every file), atomically."""
+  files = {}
+  for rel in _data_files(step_dir):
+    path = os.path.join(step_dir, rel)
+    files[rel] = {'size': os.path.getsize(path), 'sha256': _sha256(path)}
+  path = os.path.join(step_dir, MANIFEST_FILE)
+  tmp = f'{path}.tmp{os.getpid()}'
+  try:
+    with open(tmp, 'w') as f:
+      json.dump({'version': _MANIFEST_VERSION, 'algorithm': 'sha256', 'files': files}, f,
+                indent=0, sort_keys=True)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def _is_permission_error(error: BaseException) -> bool:
+  """Whether `error` (or what caused it) is a permission error, from Python or TensorStore."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, PermissionError) or (
+        isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM)):
+      return True
+    text = str(error)
+    if 'PERMISSION_DENIED' in text or 'Permission denied' in text:
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _access_error(what: str, error: BaseException) -> CheckpointAccessError:
+  return CheckpointAccessError(
+      f'cannot read {what}: permission denied ({_describe_error(error)}); fix the permissions '
+      '(the checkpoints were left as they are)')
+
+
+def verify_manifest(step_dir: str) -> bool:
+  """Checks the files of a step against its manifest: True if they match, False if it has none.
+
+  Raises `CheckpointCorruptError` naming the first file that is missing or differs in size or
+  checksum (or an unreadable manifest), `CheckpointAccessError` on a permission error.
+  """
+  path = os.path.join(step_dir, MANIFEST_FILE)
+  if not os.path.isfile(path):
+    return False
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+    files = manifest['files']
+    if manifest.get('algorithm') != 'sha256' or not isinstance(files, dict):
+      raise ValueError('unknown manifest format')
+    for rel, entry in sorted(files.items()):
+      file_path = os.path.join(step_dir, rel)
+      if not os.path.isfile(file_path):
+        raise CheckpointCorruptError(f'{rel} is missing')
+      size = os.path.getsize(file_path)
+      if size != entry['size']:
+        raise CheckpointCorruptError(f'{rel} has {size} bytes, the manifest says '
+                                     f'{entry["size"]}')
+      if _sha256(file_path) != entry['sha256']:
+        raise CheckpointCorruptError(f'{rel} does not match its SHA-256 checksum')
+  except CheckpointCorruptError as e:
+    raise CheckpointCorruptError(f'checksum manifest: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    if _is_permission_error(e):
+      raise _access_error(step_dir, e) from None
+    raise CheckpointCorruptError(f'unreadable {MANIFEST_FILE} ({_describe_error(e)})') from None
+  return True
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def _key_name(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _leaf_specs(tree: PyTree) -> Dict[str, Tuple[Any, str]]:
+  """{'a/b/c': (shape, dtype)} for every leaf (namedtuple fields and dict keys alike)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = getattr(leaf, 'shape', None)
+    dtype = getattr(leaf, 'dtype', None)
+    out['/'.join(_key_name(k) for k in path)] = (
+        tuple(shape) if shape is not None else None, str(dtype) if dtype is not None else None)
+  return out
+
+
+def structure_differences(stored: PyTree, expected: PyTree, item: str) -> List[str]:
+  """How the stored leaves of `item` differ from the model's: missing, extra, shape, dtype."""
+  a, b = _leaf_specs(stored), _leaf_specs(expected)
+  diffs = [f'{item}/{k}: not in the checkpoint' for k in sorted(set(b) - set(a))]
+  diffs += [f'{item}/{k}: in the checkpoint but not in the model' for k in sorted(set(a) - set(b))]
+  for k in sorted(set(a) & set(b)):
+    (sa, da), (sb, db) = a[k], b[k]
+    if sa is not None and sa != sb:
+      diffs.append(f'{item}/{k}: shape {sa} in the checkpoint, {sb} in the model')
+    elif da is not None and db is not None and da != db:
+      diffs.append(f'{item}/{k}: dtype {da} in the checkpoint, {db} in the model')
+  return diffs
+
+
+def _stored_tree(item_dir: str) -> PyTree:
+  """The stored leaves' metadata; ValueError when orbax cannot read it (it returns None then,
+  e.g. for damaged array data) or it holds no arrays."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(item_dir)
+  tree = getattr(metadata, 'item_metadata', metadata)
+  tree = getattr(tree, 'tree', tree)
+  if tree is None or not jax.tree.leaves(tree):
+    raise ValueError('orbax found no readable array metadata')
+  return tree
+
+
+def check_structure(step_dir: str, expected: Dict[str, PyTree]) -> None:
+  """Compares the stored items of our layout with `expected` ({item: abstract tree}).
+
+  `CheckpointMismatchError` (listing the first differences) if the checkpoint does not fit;
+  `CheckpointCorruptError` if its metadata cannot be read; `CheckpointAccessError` on a
+  permission error. Items whose expected tree is empty must be absent (or empty).
+  """
+  diffs = []
+  for item, tree in expected.items():
+    item_dir = os.path.join(step_dir, item)
+    has_leaves = bool(jax.tree.leaves(tree))
+    if not os.path.isdir(item_dir):
+      if has_leaves:
+        diffs.append(f'item {item}/ is missing')
+      continue
+    try:
+      stored = _stored_tree(item_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      if _is_permission_error(e):
+        raise _access_error(item_dir, e) from None
+      raise CheckpointCorruptError(f'unreadable metadata of {item}/ '
+                                   f'({_describe_error(e)})') from None
+    diffs += structure_differences(stored, tree, item)
+  if diffs:
+    more = f' ... ({len(diffs)} differences)' if len(diffs) > 3 else ''
+    raise CheckpointMismatchError(
+        f'{step_dir} does not fit the model: {"; ".join(diffs[:3])}{more}. It was written by a '
+        'run with another model config: resume with that config (the workdir\'s config.json), '
+        'or use a new --workdir')
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _agree(ok: bool) -> bool:
+  """Whether `ok` holds on every process (a collective on several processes)."""
+  if jax.process_count() == 1:
+    return ok
+  flags = multihost_utils.process_allgather(np.int32(ok))
+  return bool(np.all(flags))
+
+
+def _broadcast_code(code: int) -> int:
+  """Process 0's `code` on every process."""
+  if jax.process_count() == 1:
+    return code
+  return int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+
+
+def _write_cause(error: BaseException) -> str:
+  """'no space left on device' etc. for a write error from Python, orbax or TensorStore."""
+  seen, text = set(), []
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno:
+      return f'{os.strerror(error.errno).lower()} ({error.filename or ""})'.replace(' ()', '')
+    text.append(str(error))
+    error = error.__cause__ or error.__context__
+  joined = ' '.join(text)
+  for needle, cause in (('No space left', 'no space left on device'),
+                        ('ENOSPC', 'no space left on device'),
+                        ('Disk quota', 'disk quota exceeded'),
+                        ('Read-only file system', 'read-only file system'),
+                        ('Permission denied', 'permission denied'),
+                        ('PERMISSION_DENIED', 'permission denied')):
+    if needle in joined:
+      return cause
+  if 'RESOURCE_EXHAUSTED' in joined:
+    return 'no space left on device (or quota exceeded)'
+  return _first_line(joined) or 'unknown error'
+
+
+def _close_abandoned_writes() -> None:
+  """Closes the write coroutines that orbax abandoned in its closed event loop.
+
+  After the first failed write of a save (e.g. a full disk) orbax closes the loop with the
+  other writes of the step still suspended in it; left alone they are finalised at exit, when
+  each prints a traceback (and the loop's "Task was destroyed but it is pending"). Closing
+  them here runs their cleanup while the interpreter is intact.
+  """
+  gc.collect()
+  for obj in gc.get_objects():
+    try:
+      if isinstance(obj, asyncio.Task) and not obj.done() and obj.get_loop().is_closed():
+        obj._log_destroy_pending = False  # pylint: disable=protected-access
+        coroutine = obj.get_coro()
+      elif isinstance(obj, types.CoroutineType) and obj.cr_frame is not None and (
+          '/orbax/' in obj.cr_code.co_filename):
+        coroutine = obj
+      else:
+        continue
+      if coroutine is not None and getattr(coroutine, 'cr_frame', None) is not None:
+        coroutine.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+  gc.collect()
+  _quiet_closed_loop_errors()
 
 
 class Checkpoints:
   """orbax `CheckpointManager` over `<workdir>/checkpoints` (atomic, keep the newest K).
 
   `save` writes `{'params', 'batch_stats', 'training'}` (see the module docstring) and
-  refuses a non-finite state; `restore_newest_valid` walks back from the newest step past
-  unreadable or non-finite checkpoints, warning about each and moving it aside.
+  refuses a non-finite state. Saves are asynchronous: a save is committed (its checksum
+  manifest written and "saved checkpoint N" logged) at the next `save`, `wait` or `close`,
+  and a failed write raises `CheckpointWriteError` there, with the previous checkpoints
+  intact. `restore_newest_valid` walks back from the newest step past corrupt or non-finite
+  checkpoints, warning about each in one line and moving it aside; a checkpoint that does not
+  fit the model or cannot be read for lack of permission stops it, and nothing is moved.
   """
 
   def __init__(self, workdir: str, keep: int = 3, asynchronous: bool = True):
     self.directory = checkpoint_dir(workdir)
     self.workdir = os.path.abspath(workdir)
+    self._pending: Optional[int] = None
+    self._closed = False
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=asynchronous)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
+    except OSError as e:
+      raise CheckpointWriteError(f'cannot create {self.directory}: {_write_cause(e)}') from None
 
   def all_steps(self) -> Sequence[int]:
     """Saved steps, oldest first."""
     return sorted(self.manager.all_steps())
 
+  def _write_failed(self, step: int, error: BaseException) -> CheckpointWriteError:
+    """Removes the unfinished step (process 0) and describes the failure in one line.
+
+    The manager is closed first (the other writers of the step may still be running); the run
+    stops on this error, so nothing saves again.
+    """
+    self._close_manager()
+    # orbax stops waiting at the first failed write; its other writer threads of the step may
+    # still run (and recreate files): let them end before removing the step.
+    for thread in threading.enumerate():
+      if thread.name in _ORBAX_WRITER_THREADS:
+        try:
+          thread.join(timeout=60)
+        except Exception:  # pylint: disable=broad-except
+          pass  # orbax's threads re-raise their failure on join
+    _close_abandoned_writes()
+    if jax.process_index() == 0 and os.path.isdir(self.directory):
+      for _ in range(3):  # a late write may recreate it (a restart removes what is left)
+        names = [n for n in os.listdir(self.directory)
+                 if n == str(step) or n.startswith(f'{step}.orbax-checkpoint-tmp')]
+        if not names:
+          break
+        for name in names:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        time.sleep(0.2)
+    kept = [s for s in _step_dirs(self.directory) if s != step]
+    previous = (f'the previous checkpoint {kept[-1]} is intact' if kept else
+                'no earlier checkpoint exists')
+    return CheckpointWriteError(
+        f'could not write checkpoint {step} to {os.path.join(self.directory, str(step))}: '
+        f'{_write_cause(error)}; {previous}, and rerunning the same command resumes from it '
+        'once the cause is fixed')
+
+  def _commit_pending(self) -> None:
+    """Waits for the pending save; writes its manifest and logs it, or raises why not."""
+    step, self._pending = self._pending, None
+    if self._closed:  # after a failed write: nothing is pending any more
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_failed(step if step is not None else -1, e) from None
+    if step is None:
+      return
+    error = None
+    if jax.process_index() == 0:
+      try:
+        if step not in self.manager.all_steps():
+          raise OSError(f'orbax did not commit step {step}')
+        write_manifest(os.path.join(self.directory, str(step)))
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+    if not _agree(error is None):
+      raise self._write_failed(step, error or OSError('failed on process 0')) from None
+    logging.info('saved checkpoint %d', step)
+
   def save(self, step: int, params: PyTree, batch_stats: PyTree, training: PyTree) -> bool:
-    """Saves a checkpoint at `step` (all processes call this); False if refused as non-finite."""
+    """Saves a checkpoint at `step` (all processes call this); False if refused as non-finite.
+
+    The previous save is committed first (see the class docstring).
+    """
+    self._commit_pending()
     if not _all_finite((params, batch_stats, training)):
       logging.error('not saving step %d: the state holds non-finite values', step)
       return False
@@ -214,53 +638,99 @@ class Checkpoints:
     if step in self.manager.all_steps():
       logging.info('checkpoint for step %d already exists; not saving again', step)
       return True
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_failed(step, e) from None
+    self._pending = step
     return True
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are on disk and committed."""
+    self._commit_pending()
 
   def close(self) -> None:
-    """Waits for pending saves and releases the manager."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Commits pending saves and releases the manager (also when the commit fails)."""
+    try:
+      self._commit_pending()
+    finally:
+      self._close_manager()
+
+  def _close_manager(self) -> None:
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      pass  # a failed background write: reported by `_write_failed`
+
+  def _verify(self, step_dir: str) -> bool:
+    """The manifest check on process 0, its outcome on every process."""
+    code, error = 0, None
+    if jax.process_index() == 0:
+      try:
+        code = 1 if verify_manifest(step_dir) else 0
+      except CheckpointAccessError as e:
+        code, error = 3, e
+      except CheckpointCorruptError as e:
+        code, error = 2, e
+    code = _broadcast_code(code)
+    if code == 2:
+      raise error or CheckpointCorruptError('checksum mismatch (found on process 0)')
+    if code == 3:
+      raise error or CheckpointAccessError(f'cannot read {step_dir} (on process 0)')
+    return code == 1
 
   def _restore(self, step: int, abstract: Dict[str, PyTree]) -> Dict[str, PyTree]:
+    step_dir = os.path.join(self.directory, str(step))
+    self._verify(step_dir)
+    check_structure(step_dir, abstract)
     items = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()
              if jax.tree.leaves(tree)}
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      _quiet_closed_loop_errors()
+      if _is_permission_error(e):
+        raise _access_error(step_dir, e) from None
+      raise CheckpointCorruptError(_describe_error(e)) from None
     out = {name: restored[name] if name in items else tree for name, tree in abstract.items()}
     if not _all_finite(out):
-      raise CheckpointError(f'checkpoint {step} holds non-finite values')
+      raise CheckpointCorruptError('it holds non-finite values')
     return out
 
-  def _move_aside(self, step: int) -> None:
+  def _move_aside(self, step: int) -> str:
     src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.workdir, CORRUPT_DIR, f'{step}-{int(time.time())}')
     if jax.process_index() == 0 and os.path.isdir(src):
-      dst = os.path.join(self.workdir, CORRUPT_DIR, f'{step}-{int(time.time())}')
-      os.makedirs(os.path.dirname(dst), exist_ok=True)
-      shutil.move(src, dst)
-      logging.warning('moved the unreadable checkpoint %s to %s', src, dst)
+      try:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.move(src, dst)
+      except OSError as e:
+        raise CheckpointWriteError(f'cannot move the corrupt checkpoint {src} to {dst}: '
+                                   f'{_write_cause(e)}') from None
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'denseflow_move_aside_{step}')
     self.manager.reload()
+    return dst
 
   def restore_newest_valid(self, abstract: Dict[str, PyTree]
                            ) -> Tuple[Optional[int], Optional[Dict[str, PyTree]]]:
-    """(step, {item: tree}) of the newest readable, finite checkpoint, or (None, None).
+    """(step, {item: tree}) of the newest intact, finite checkpoint, or (None, None).
 
     `abstract` maps item names to pytrees of `jax.ShapeDtypeStruct` (with shardings) that give
-    the structure to restore into.
+    the structure to restore into. Corrupt checkpoints are moved aside with one warning each;
+    `CheckpointMismatchError` / `CheckpointAccessError` stop the search and touch nothing.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         return step, self._restore(step, abstract)
-      except Exception as e:  # pylint: disable=broad-except
-        message = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        logging.warning('checkpoint %s/%d is unreadable or invalid (%s: %s); falling back to '
-                        'the previous one', self.directory, step, type(e).__name__, message)
-        self._move_aside(step)
+      except CheckpointCorruptError as e:
+        src = os.path.join(self.directory, str(step))
+        dst = self._move_aside(step)
+        logging.warning('checkpoint %s is corrupt (%s): moved it to %s; falling back to the '
+                        'previous one', src, e, dst)
     return None, None
 
 
@@ -323,8 +793,10 @@ def load_variables(workdir: str, abstract: Optional[Dict[str, PyTree]] = None,
 
   `abstract` ({'params', 'batch_stats'} of `jax.ShapeDtypeStruct`, e.g. from `jax.eval_shape`
   of `model.init`, optionally with shardings) checks the structure and places the arrays;
-  `step` picks a checkpoint instead of the newest. Unreadable checkpoints are skipped with a
-  warning (never moved: this is a read-only use of the workdir).
+  `step` picks a checkpoint instead of the newest. Corrupt checkpoints (checksum mismatch,
+  unreadable data) are skipped with a one-line warning (never moved: this is a read-only use
+  of the workdir); `CheckpointMismatchError` (the checkpoint does not fit `abstract`) and
+  `CheckpointAccessError` (permission denied) are raised at once.
   """
   directory = checkpoint_dir(workdir)
   steps = _step_dirs(directory)
@@ -338,12 +810,19 @@ def load_variables(workdir: str, abstract: Optional[Dict[str, PyTree]] = None,
   for s in reversed(steps):
     step_dir = os.path.join(directory, str(s))
     try:
+      verify_manifest(step_dir)
+      if abstract and os.path.isdir(os.path.join(step_dir, ITEM_PARAMS)):
+        check_structure(step_dir, {name: tree for name, tree in abstract.items()
+                                   if name == ITEM_PARAMS or jax.tree.leaves(tree)})
       variables = _restore_variables(step_dir, abstract)
+    except (CheckpointMismatchError, CheckpointAccessError):
+      raise
     except Exception as e:  # pylint: disable=broad-except
-      first = str(e).splitlines()[0][:300] if str(e) else ''
-      logging.warning('skipping unreadable checkpoint %s (%s: %s)', step_dir, type(e).__name__,
-                      first)
-      errors.append(f'{s}: {type(e).__name__}: {first}')
+      if _is_permission_error(e):
+        raise _access_error(step_dir, e) from None
+      _quiet_closed_loop_errors()
+      logging.warning('skipping unreadable checkpoint %s (%s)', step_dir, _describe_error(e))
+      errors.append(f'{s}: {_describe_error(e)}')
       continue
     return s, variables
   raise CheckpointError(f'no readable checkpoint in {directory}: {"; ".join(errors)}')

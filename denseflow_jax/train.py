@@ -27,9 +27,18 @@ Semantics:
 - Non-finite loss or gradient: the update is skipped inside the jitted step (params,
   optimizer state and BatchNorm statistics keep their values, the step counter advances to the
   next batch); `max_consecutive_nonfinite` skips in a row stop training with
-  `NonFiniteError`, leaving the last checkpoint (written after a finite update) in place: no
+  `NonFiniteError`. The last finite state is always on disk by then: the first skip of a run
+  of skipped steps saves a checkpoint (its parameters are those of the last finite update)
+  unless one written since that update exists, and the error names that checkpoint. No
   periodic checkpoint is written during a run of skipped steps, and none from a non-finite
   state.
+- The workdir: a training run holds `<workdir>/train.lock` (`workdir_lock`) from start to end;
+  a second run on the same workdir stops at once with `WorkdirLockedError` naming the holder.
+  A checkpoint that cannot be written (full disk, I/O or permission error) stops the run with
+  `checkpoint.CheckpointWriteError` naming the path and the cause; the previous checkpoints
+  stay intact and rerunning resumes from the newest. At the restart, corrupt checkpoints are
+  moved aside (see `checkpoint.Checkpoints`); one that does not fit the model, or cannot be
+  read for lack of permission, stops the run before anything is written.
 - ActNorm data-dependent init: `model.init` on the first training batch (global batch, so the
   statistics are the same on every device and host).
 - Fine-tuning: `config.train.init_from = '<workdir of a trained run>'` loads its newest
@@ -347,10 +356,30 @@ def _training_item(state: TrainState) -> Dict[str, PyTree]:
           'nonfinite': state.nonfinite}
 
 
-def _save(ckpts: checkpoint.Checkpoints, state: TrainState) -> None:
+def _save(ckpts: checkpoint.Checkpoints, state: TrainState) -> bool:
+  """Saves `state` (logged as saved once committed, see `Checkpoints`); False if refused."""
   step = int(parallel.to_host(state.step))
-  if ckpts.save(step, state.params, state.batch_stats, _training_item(state)):
-    logging.info('saved checkpoint %d', step)
+  return ckpts.save(step, state.params, state.batch_stats, _training_item(state))
+
+
+def _lock_workdir(workdir: str, host0: bool):
+  """The workdir lock (process 0 takes it; every process raises if it could not)."""
+  from denseflow_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  lock, error = None, None
+  if host0:
+    try:
+      lock = workdir_lock.WorkdirLock(workdir).acquire()
+    except workdir_lock.WorkdirLockedError as e:
+      error = e
+  if jax.process_count() > 1:
+    flags = multihost_utils.process_allgather(np.int32(error is None))
+    if not np.all(flags) and error is None:
+      if lock is not None:
+        lock.release()
+      error = workdir_lock.WorkdirLockedError(f'process 0 could not lock {workdir}')
+  if error is not None:
+    raise error
+  return lock
 
 
 def _restore_or_init(config, workdir, ckpts, init_fn, tx, data, mesh, abstract) -> TrainState:
@@ -413,7 +442,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Uses every visible device (all hosts) with the batch sharded over them. Raises
   `NonFiniteError` after `max_consecutive_nonfinite` skipped steps in a row and
-  `TrainingInterrupted` after saving on SIGINT/SIGTERM. `nonfinite_steps`: testing hook, see
+  `TrainingInterrupted` after saving on SIGINT/SIGTERM; `checkpoint.CheckpointError`
+  subclasses (`WorkdirLockedError`, `CheckpointWriteError`, `CheckpointMismatchError`,
+  `CheckpointAccessError`) for a workdir that is in use, cannot be written, or holds
+  checkpoints of another model or unreadable ones. `nonfinite_steps`: testing hook, see
   `make_train_step`.
   """
   validate_config(config)
@@ -422,7 +454,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   data = make_data(config, jax.process_index(), jax.process_count())
   if host0:
     os.makedirs(workdir, exist_ok=True)
-  checkpoint.check_and_save_config(config, workdir, write=host0)
+  lock = _lock_workdir(workdir, host0)
+  try:
+    return _train_locked(config, workdir, data, mesh, host0, nonfinite_steps)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainState:
+  """`train_and_evaluate` once the workdir is locked."""
+  # Written after the restore: a checkpoint that does not fit the model leaves it untouched.
+  checkpoint.check_and_save_config(config, workdir, write=False)
   model = DenseFlow(config.model)
   steps_per_epoch = data.steps_per_epoch
   total_steps = num_train_steps(config, steps_per_epoch)
@@ -434,13 +477,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   sampler = parallel.ShardedModel(model, mesh)
   t = config.train
 
-  # clu's writers import TensorFlow (for TensorBoard): several seconds, so only when training.
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-  writer = metric_writers.create_default_writer(workdir, just_logging=not host0)
   ckpts = checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints)
+  writer, failed = None, True
   try:
     abstract = _abstract_state(init_fn, data, mesh)
     state = _restore_or_init(config, workdir, ckpts, init_fn, tx, data, mesh, abstract)
+    if host0:
+      checkpoint.save_config(config, workdir)
+    # clu's writers import TensorFlow (for TensorBoard): several seconds, so only when training.
+    from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+    writer = metric_writers.create_default_writer(workdir, just_logging=not host0)
     start = int(parallel.to_host(state.step))
     logging.info('%d devices, %d processes; global batch %d; %d steps/epoch; steps %d -> %d',
                  jax.device_count(), jax.process_count(), data.global_batch_size,
@@ -482,6 +528,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                              every_steps=t.log_every, every_secs=None)
     batches = iter(data.train_batches(start))
     window = _Window()
+    # The checkpoint holding the parameters of the last finite update, if one does (skipped
+    # updates leave the parameters as they are, so any checkpoint saved since does).
+    finite_saved = start if start in ckpts.all_steps() else None
+    last_finite = start - int(parallel.to_host(state.nonfinite))  # steps with finite updates
     with _StopSignal() as stop:
       for step in range(start, total_steps):
         batch = parallel.shard_batch(next(batches), mesh)
@@ -498,23 +548,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             writer.write_scalars(done, scalars)
             artifacts.append_metrics(workdir, done, scalars)
           window = _Window()
-        if not metrics['finite']:
+        if metrics['finite']:
+          last_finite, finite_saved = done, None
+        else:
           count = int(metrics['nonfinite'])
           logging.warning('step %d: non-finite loss %s or gradient norm %s; update skipped '
                           '(%d in a row, limit %d)', step, metrics['loss'], metrics['grad_norm'],
                           count, t.max_consecutive_nonfinite)
+          if finite_saved is None:
+            # The update was skipped, so `state` still holds the last finite parameters: keep
+            # them on disk before the streak can stop the run.
+            logging.warning('step %d: saving the last finite state (the parameters after step '
+                            '%d) before the skipped steps go on', done, last_finite)
+            if _save(ckpts, state):
+              ckpts.wait()
+              finite_saved = done
           if count >= t.max_consecutive_nonfinite:
+            where = (f'Checkpoint {finite_saved} in {ckpts.directory} holds the last finite state '
+                     f'(the parameters after step {last_finite})' if finite_saved is not None
+                     else f'No checkpoint of a finite state could be saved in {ckpts.directory}')
             raise NonFiniteError(
                 f'{count} consecutive training steps (up to step {step}) had a non-finite loss '
-                f'or gradient; stopping. The last checkpoint in {ckpts.directory} holds the last '
-                'finite state: lower train.lr, set train.grad_clip_norm, or check the data')
+                f'or gradient; stopping. {where}: lower train.lr, set train.grad_clip_norm, or '
+                'check the data')
         streak = int(metrics['nonfinite'])
         if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == total_steps:
           if streak:  # keep the last checkpoint of a finite update
-            logging.warning('step %d: not saving a checkpoint during a run of %d skipped steps',
-                            done, streak)
-          else:
-            _save(ckpts, state)
+            if finite_saved != done:
+              logging.warning('step %d: not saving a checkpoint during a run of %d skipped '
+                              'steps', done, streak)
+          elif _save(ckpts, state):
+            finite_saved = done
         if (t.eval_every and done % t.eval_every == 0) or (
             done == total_steps and t.eval_every):
           run_eval(done)
@@ -523,11 +587,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           ckpts.wait()
           raise TrainingInterrupted(f'interrupted at step {done}; checkpoint saved in '
                                     f'{ckpts.directory}; rerun the same command to resume')
-    return state
+    failed = False
   finally:
-    ckpts.close()
-    writer.flush()
-    writer.close()
+    try:
+      ckpts.close()
+    except checkpoint.CheckpointError as e:
+      if not failed:
+        raise
+      logging.error('%s', e)  # the error that is already propagating wins
+    finally:
+      if writer is not None:
+        writer.flush()
+        writer.close()
+  return state
 
 
 def _should_stop(stop: _StopSignal, done: int, every: int) -> bool:

@@ -247,3 +247,253 @@ def test_evaluate_and_sample_entry_points(reference, env, tmp_path):
   samples = np.load(os.path.join(workdir, 'samples', 'sample_t0.7_seed0.npy'))
   assert samples.shape == (5, 8, 8, 1) and samples.dtype == np.uint8 and samples.max() <= 31
   assert os.path.getsize(os.path.join(workdir, 'samples', 'sample_t0.7_seed0.png')) > 0
+
+
+# ----------------------------------------------------------------------------- second round
+# The workdir lock, full disks, checksums, classified restore errors and quiet logs. These
+# reuse the reference workdir and tiny pytrees; none trains.
+
+
+def _restore_abstract(config):
+  """The training restore target ({'params', 'batch_stats', 'training'}) for `config`."""
+  from denseflow_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  from denseflow_jax.data import make_data  # pylint: disable=g-import-not-at-top
+  from denseflow_jax.model import DenseFlow  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh()
+  tx = train.make_optimizer(config)
+  init_fn = train.make_init_fn(DenseFlow(config.model), tx, config, mesh)
+  abstract = train._abstract_state(init_fn, make_data(config), mesh)
+  return {'params': abstract.params, 'batch_stats': abstract.batch_stats,
+          'training': train._training_item(abstract)}
+
+
+def _tree_listing(root):
+  return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root)
+                for f in files)
+
+
+HOLD_LOCK = '''
+import sys, time
+from denseflow_jax import workdir_lock
+lock = workdir_lock.WorkdirLock(sys.argv[1]).acquire()
+print('locked', flush=True)
+time.sleep(60)
+'''
+
+
+def test_workdir_lock_refuses_a_second_run_and_takes_over_a_dead_one(env, tmp_path, caplog):
+  from denseflow_jax import train, workdir_lock  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, workdir], env=env,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(workdir_lock.WorkdirLockedError,
+                       match=rf'in use by another training run: pid {holder.pid} on host '):
+      workdir_lock.WorkdirLock(workdir).acquire()
+    # A training run gives up before writing anything into the workdir.
+    from configs import quickstart  # pylint: disable=g-import-not-at-top
+    config = quickstart.get_config()
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=f'pid {holder.pid}'):
+      train.train_and_evaluate(config, workdir)
+    assert os.listdir(workdir) == [workdir_lock.LOCK_FILE]
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder died with the lock: the next run takes it over, with a warning naming it.
+  with workdir_lock.WorkdirLock(workdir) as lock:
+    assert f'taking over the workdir lock {lock.path} left by pid {holder.pid}' in caplog.text
+    assert '(no longer running)' in caplog.text
+    with pytest.raises(workdir_lock.WorkdirLockedError, match='already in use'):
+      workdir_lock.WorkdirLock(workdir).acquire()  # not twice in one process either
+  assert open(os.path.join(workdir, workdir_lock.LOCK_FILE)).read() == ''  # released cleanly
+  assert issubclass(workdir_lock.WorkdirLockedError, checkpoint.CheckpointError)
+
+
+def _small_tree(kib):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return {'w': jnp.arange(kib * 256, dtype=jnp.float32), 'b': jnp.ones((3,), jnp.float32)}
+
+
+def _can_mount_tmpfs(path):
+  if os.geteuid() != 0:
+    return False
+  result = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(path)],
+                          capture_output=True)
+  return result.returncode == 0
+
+
+def test_disk_full_raises_one_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                      caplog):
+  """A save that cannot be written: CheckpointWriteError naming the path and 'no space left',
+  'saved' never logged for it, the partial step removed, the previous checkpoint readable.
+
+  On a real 2 MB tmpfs where this process may mount one (root), else with the commit's
+  writer patched to fail with ENOSPC.
+  """
+  import errno  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  caplog.set_level(logging.INFO)
+  mount = tmp_path / 'disk'
+  mount.mkdir()
+  mounted = _can_mount_tmpfs(mount)
+  try:
+    workdir = str(mount / 'run')
+    ckpts = checkpoint.Checkpoints(workdir)
+    ckpts.save(1, _small_tree(400), {}, {'step': np.int32(1)})
+    ckpts.wait()
+    assert 'saved checkpoint 1' in caplog.text
+    if mounted:  # leave about 100 KiB: the next 400 KiB checkpoint does not fit
+      free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+      with open(mount / 'filler', 'wb') as f:
+        f.write(b'\0' * max(0, free - 100 * 1024))
+    else:
+      def no_space(step_dir):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), step_dir)
+      monkeypatch.setattr(checkpoint, 'write_manifest', no_space)
+    with pytest.raises(checkpoint.CheckpointWriteError) as info:
+      ckpts.save(2, _small_tree(400), {}, {'step': np.int32(2)})
+      ckpts.close()
+    message = str(info.value)
+    assert '\n' not in message
+    assert f'could not write checkpoint 2 to {ckpts.directory}/2: no space left on device' in (
+        message)
+    assert 'the previous checkpoint 1 is intact' in message
+    ckpts.close()  # idempotent after the failure
+    assert 'saved checkpoint 2' not in caplog.text
+    assert sorted(os.listdir(ckpts.directory)) == ['1']
+    monkeypatch.undo()
+    found, variables = checkpoint.load_variables(workdir)
+    assert found == 1 and variables['params']['w'].shape == (400 * 256,)
+  finally:
+    if mounted:
+      subprocess.run(['umount', str(mount)], check=False)
+
+
+def _flip_bit(path, offset=None):
+  with open(path, 'r+b') as f:
+    data = bytearray(f.read())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0x10
+    f.seek(0)
+    f.write(data)
+
+
+def test_checksum_manifest_catches_a_flipped_bit_orbax_misses(reference, tmp_path, caplog):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(reference[0], workdir)
+  steps = _checkpoint_steps(workdir)
+  newest = os.path.join(workdir, 'checkpoints', str(steps[-1]))
+  assert os.path.isfile(os.path.join(newest, checkpoint.MANIFEST_FILE))
+  assert checkpoint.verify_manifest(newest)
+  # A bit in a data file of the per-process OCDBT tree: orbax reads the merged tree, so it
+  # loads this checkpoint without any error; only the checksum sees the change.
+  data_dir = os.path.join(newest, 'params', 'ocdbt.process_0', 'd')
+  victim = max((os.path.join(data_dir, n) for n in os.listdir(data_dir)), key=os.path.getsize)
+  _flip_bit(victim)
+  with pytest.raises(checkpoint.CheckpointCorruptError, match='does not match its SHA-256'):
+    checkpoint.verify_manifest(newest)
+  found, _ = checkpoint.load_variables(workdir)
+  assert found == steps[-2]
+  assert f'skipping unreadable checkpoint {newest}' in caplog.text
+  caplog.clear()
+  config = checkpoint.load_config(workdir)
+  ckpts = checkpoint.Checkpoints(workdir)
+  try:
+    step, _ = ckpts.restore_newest_valid(_restore_abstract(config))
+  finally:
+    ckpts.close()
+  assert step == steps[-2]
+  warnings = [r for r in caplog.records if r.levelname == 'WARNING' and newest in r.getMessage()]
+  assert len(warnings) == 1, [r.getMessage() for r in warnings]
+  assert 'is corrupt (checksum manifest: params/ocdbt.process_0/d/' in warnings[0].getMessage()
+  assert 'falling back to the previous one' in warnings[0].getMessage()
+  assert not os.path.exists(newest)
+  # A file of a checkpoint shorter than the manifest says is corruption too.
+  previous = os.path.join(workdir, 'checkpoints', str(steps[-2]))
+  with open(os.path.join(previous, 'params', '_METADATA'), 'a') as f:
+    f.write(' ')
+  with pytest.raises(checkpoint.CheckpointCorruptError, match=r'params/_METADATA has \d+ bytes'):
+    checkpoint.verify_manifest(previous)
+
+
+def test_model_mismatch_and_permission_errors_stop_and_touch_nothing(reference, tmp_path,
+                                                                      monkeypatch):
+  from denseflow_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(reference[0], workdir)
+  os.remove(os.path.join(workdir, 'config.json'))  # the saved config cannot help
+  before = [p for p in _tree_listing(workdir) if p != 'train.lock']
+  config = checkpoint.config_from_json(open(os.path.join(reference[0], 'config.json')).read())
+  config.model.growth_rate = 4
+  newest = os.path.join(workdir, 'checkpoints', str(_checkpoint_steps(workdir)[-1]))
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match=rf'^{newest} does not fit the model: params/.*shape'):
+    train.train_and_evaluate(config, workdir)
+  after = [p for p in _tree_listing(workdir) if p != 'train.lock']
+  assert after == before  # nothing moved, no config.json written
+  assert not os.path.exists(os.path.join(workdir, checkpoint.CORRUPT_DIR))
+  with pytest.raises(checkpoint.CheckpointMismatchError):  # read-only loading too
+    checkpoint.load_variables(
+        workdir, {k: v for k, v in _restore_abstract(config).items() if k != 'training'})
+
+  # Permission denied while reading a good checkpoint: a real chmod where that binds (not
+  # root), else the reader patched to fail the same way.
+  config.model.growth_rate = 2
+  victim = os.path.join(newest, 'params', '_METADATA')
+  if os.geteuid() != 0:
+    os.chmod(victim, 0)
+  else:
+    real = checkpoint._sha256
+    def denied(path):
+      if path == victim:
+        raise PermissionError(13, 'Permission denied', path)
+      return real(path)
+    monkeypatch.setattr(checkpoint, '_sha256', denied)
+  ckpts = checkpoint.Checkpoints(workdir)
+  try:
+    with pytest.raises(checkpoint.CheckpointAccessError, match='permission denied'):
+      ckpts.restore_newest_valid(_restore_abstract(config))
+  finally:
+    ckpts.close()
+    os.chmod(victim, 0o644)
+  assert [p for p in _tree_listing(workdir) if p != 'train.lock'] == before
+  # orbax / TensorStore report it in their own words; still a permission error.
+  assert checkpoint._is_permission_error(ValueError('PERMISSION_DENIED: Error opening file'))
+  assert not checkpoint._is_permission_error(ValueError('DATA_LOSS: Error reading'))
+
+
+QUIET_LOAD = '''
+import sys
+from absl import logging
+from denseflow_jax import checkpoint
+checkpoint.quiet_orbax_logs()
+print('loaded step', checkpoint.load_model(sys.argv[1])[2])  # with the model's structure
+'''
+
+
+def test_a_bad_checkpoint_costs_a_few_log_lines(reference, env, tmp_path):
+  """Truncated data files: no asyncio 'Event loop is closed' blocks, no TensorStore specs;
+  and unreadable array metadata is corruption, not a model mismatch."""
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(reference[0], workdir)
+  steps = _checkpoint_steps(workdir)
+  for step in steps[-2:]:
+    step_dir = os.path.join(workdir, 'checkpoints', str(step))
+    os.remove(os.path.join(step_dir, checkpoint.MANIFEST_FILE))  # let orbax meet the damage
+    data_dir = os.path.join(step_dir, 'params', 'd')
+    for name in os.listdir(data_dir):
+      path = os.path.join(data_dir, name)
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+  result = run([sys.executable, '-c', QUIET_LOAD, workdir], env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'loaded step {steps[-3]}' in result.stdout
+  lines = [l for l in result.stderr.splitlines()
+           if l.strip() and 'xla_bridge' not in l and 'backend' not in l]
+  assert 'Event loop is closed' not in result.stderr
+  assert len(lines) == 2, lines  # one warning per bad checkpoint
+  for step, line in zip(reversed(steps[-2:]), lines):
+    assert f'skipping unreadable checkpoint {workdir}/checkpoints/{step} (' in line
+    assert len(line) < 600

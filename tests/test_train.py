@@ -140,17 +140,28 @@ def test_train_step_skips_nonfinite_update():
 
 
 def test_stops_after_consecutive_nonfinite_and_keeps_last_good_checkpoint(tmp_path):
-  config = micro_config(num_steps=20, checkpoint_every=1, max_consecutive_nonfinite=4)
+  """The last finite state is on disk when a streak stops the run, and the message names it.
+
+  Steps 0-2 finite (checkpoint 3), 3-4 skipped (checkpoint 3 already holds their parameters:
+  nothing saved), 5-7 finite (checkpoint 6; 7 and 8 unsaved), then a streak from step 8: its
+  first skip saves checkpoint 9 with the parameters after step 8, and the stop names it.
+  """
+  config = micro_config(num_steps=20, checkpoint_every=3, max_consecutive_nonfinite=4)
   workdir = str(tmp_path / 'run')
-  with pytest.raises(train.NonFiniteError, match='4 consecutive training steps'):
-    train.train_and_evaluate(config, workdir, nonfinite_steps=range(3, 20))
-  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
-                 if s.isdigit())
-  assert steps[-1] == 3  # steps 0..2 were finite; nothing is saved during the streak
+  with pytest.raises(train.NonFiniteError) as info:
+    train.train_and_evaluate(config, workdir, nonfinite_steps=[3, 4, *range(8, 20)])
+  directory = checkpoint.checkpoint_dir(workdir)
+  message = str(info.value)
+  assert message.startswith('4 consecutive training steps (up to step 11)')
+  assert (f'Checkpoint 9 in {directory} holds the last finite state (the parameters after '
+          'step 8)') in message
+  steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+  assert steps == [3, 6, 9]  # none saved for the first streak, one when the second starts
   _, variables = checkpoint.load_variables(workdir)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
   rows = artifacts.read_metrics(workdir)
-  assert [r['skipped_steps'] for r in rows if r['step'] > 3] == [1.0] * 4
+  assert [r['skipped_steps'] for r in rows if r['step'] > 8] == [1.0] * 4  # steps 8-11
+  assert checkpoint.verify_manifest(os.path.join(directory, '9'))
 
 
 # ----------------------------------------------------------------------------- config checks
