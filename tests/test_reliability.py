@@ -248,6 +248,19 @@ def test_evaluate_and_sample_entry_points(reference, env, tmp_path):
   assert samples.shape == (5, 8, 8, 1) and samples.dtype == np.uint8 and samples.max() <= 31
   assert os.path.getsize(os.path.join(workdir, 'samples', 'sample_t0.7_seed0.png')) > 0
 
+  # FID of the model's samples (the FID fixture's random-weight Inception stands in for the
+  # real weights): samples in batches, features, reference statistics, fid.json.
+  weights = os.path.join(REPO_ROOT, '..', 'shared', 'fid_inception', 'pt_inception_random.pth')
+  if os.path.exists(weights):
+    result = run([sys.executable, os.path.join(REPO_ROOT, 'experiments', 'fid.py'),
+                  f'--workdir={workdir}', '--num=12', '--batch=8', '--reference=digits:test',
+                  '--reference_num=16', f'--inception={weights}', '--stats_cache=',
+                  '--temperature=0.8'], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(os.path.join(workdir, 'fid.json')))
+    assert report['num'] == 12 and report['step'] == 7 and report['fid'] > 0
+    assert 'samples and features: 12 done' in result.stdout
+
 
 # ----------------------------------------------------------------------------- second round
 # The workdir lock, full disks, checksums, classified restore errors and quiet logs. These
