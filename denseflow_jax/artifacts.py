@@ -4,6 +4,7 @@
   <workdir>/samples/step_<s>.png   sample grid at each evaluation
   <workdir>/bpd_curve.png          train and test bits/dim against the step
 """
+import hashlib
 import json
 import math
 import os
@@ -34,6 +35,15 @@ def machine_info() -> Dict[str, object]:
   return {'cpu_model': cpu or platform.processor() or 'unknown', 'logical_cpus': os.cpu_count(),
           'avx512f': ' avx512f' in cpu_flags, 'platform': platform.platform(),
           'python': platform.python_version()}
+
+
+def file_sha256(path: str) -> str:
+  """Hex SHA-256 of a file (read in 1 MiB blocks)."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def to_uint8(images: np.ndarray, num_bits: int) -> np.ndarray:

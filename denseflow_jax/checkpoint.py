@@ -29,7 +29,6 @@ fit the model is `CheckpointMismatchError` and one that cannot be read for lack 
 import asyncio
 import errno
 import gc
-import hashlib
 import json
 import logging as logging_std
 import os
@@ -46,6 +45,8 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from denseflow_jax.artifacts import file_sha256
 
 PyTree = Any
 CONFIG_FILE = 'config.json'
@@ -307,12 +308,6 @@ def _data_files(step_dir: str) -> List[str]:
   return sorted(out)
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def write_manifest(step_dir: str) -> str:
@@ -320,7 +315,7 @@ def write_manifest(step_dir: str) -> str:
   files = {}
   for rel in _data_files(step_dir):
     path = os.path.join(step_dir, rel)
-    files[rel] = {'size': os.path.getsize(path), 'sha256': _sha256(path)}
+    files[rel] = {'size': os.path.getsize(path), 'sha256': file_sha256(path)}
   path = os.path.join(step_dir, MANIFEST_FILE)
   tmp = f'{path}.tmp{os.getpid()}'
   try:
@@ -380,7 +375,7 @@ def verify_manifest(step_dir: str) -> bool:
       if size != entry['size']:
         raise CheckpointCorruptError(f'{rel} has {size} bytes, the manifest says '
                                      f'{entry["size"]}')
-      if _sha256(file_path) != entry['sha256']:
+      if file_sha256(file_path) != entry['sha256']:
         raise CheckpointCorruptError(f'{rel} does not match its SHA-256 checksum')
   except CheckpointCorruptError as e:
     raise CheckpointCorruptError(f'checksum manifest: {e}') from None

@@ -75,7 +75,6 @@ Converted model directories
 import argparse
 import collections
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -83,6 +82,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import ml_collections
 import numpy as np
 
+from denseflow_jax.artifacts import file_sha256
 from denseflow_jax.bijectors.dequantize import log_bin_width
 from denseflow_jax.config_check import plan_model
 from denseflow_jax.torch_reader import (OfficialCheckpointError, UnsafePickleError, read_args,
@@ -688,10 +688,3 @@ def _plain(tree: Any) -> Any:
   return np.asarray(tree)
 
 
-def file_sha256(path: str) -> str:
-  """Hex sha256 of a file."""
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      h.update(chunk)
-  return h.hexdigest()

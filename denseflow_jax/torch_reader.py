@@ -34,7 +34,7 @@ import pickle
 import struct
 import zipfile
 import zlib
-from typing import Any, BinaryIO, Dict, List, Mapping, Optional, Tuple
+from typing import Any, BinaryIO, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 

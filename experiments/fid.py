@@ -97,7 +97,6 @@ def main(argv):
     cli.check_output_dir('--stats_cache', _STATS_CACHE.value)
 
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from denseflow_jax import artifacts, checkpoint, data, parallel  # pylint: disable=g-import-not-at-top
   from denseflow_jax.metrics import (InceptionFeatures, extract, feature_stats,  # pylint: disable=g-import-not-at-top
                                      frechet, frechet_distance, inception)

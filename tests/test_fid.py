@@ -15,7 +15,7 @@ import scipy.linalg
 
 from denseflow_jax import data, torch_reader
 from denseflow_jax.metrics import frechet, inception
-from denseflow_jax.metrics.features import InceptionFeatures, extract
+from denseflow_jax.metrics.features import InceptionFeatures
 from denseflow_jax.metrics.progress import Progress, format_seconds
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -458,12 +458,12 @@ def test_model_mismatch_and_permission_errors_stop_and_touch_nothing(reference, 
   if os.geteuid() != 0:
     os.chmod(victim, 0)
   else:
-    real = checkpoint._sha256
+    real = checkpoint.file_sha256
     def denied(path):
       if path == victim:
         raise PermissionError(13, 'Permission denied', path)
       return real(path)
-    monkeypatch.setattr(checkpoint, '_sha256', denied)
+    monkeypatch.setattr(checkpoint, 'file_sha256', denied)
   ckpts = checkpoint.Checkpoints(workdir)
   try:
     with pytest.raises(checkpoint.CheckpointAccessError, match='permission denied'):

@@ -6,16 +6,15 @@ A feature network is any object with `name` (str, part of cache keys), `dim` (in
 other data sets can plug in their own network with the same three members and reuse
 `frechet.feature_stats` / `frechet_distance` unchanged.
 """
-import hashlib
-import os
 from typing import Any, Iterable, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from denseflow_jax import parallel
+from denseflow_jax import artifacts, parallel
 from denseflow_jax.metrics import inception
+from denseflow_jax.metrics.progress import Progress
 
 
 class FeatureNetwork(Protocol):
@@ -27,13 +26,6 @@ class FeatureNetwork(Protocol):
     """uint8 (N, H, W, C) in [0, 255] -> (N, dim) features."""
 
 
-def file_digest(path: str, length: int = 12) -> str:
-  """The first `length` hex digits of the file's SHA-256 (identifies a weights file)."""
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 22), b''):
-      h.update(chunk)
-  return h.hexdigest()[:length]
 
 
 class InceptionFeatures:
@@ -50,7 +42,7 @@ class InceptionFeatures:
                dtype: Any = jnp.float32):
     path = inception.find_weights(weights)
     self.module, variables = inception.load_fid_inception(path, dtype)
-    self.name = f'inception-pool3-{file_digest(path)}'
+    self.name = f'inception-pool3-{artifacts.file_sha256(path)[:12]}'
     self.mesh = mesh if mesh is not None else parallel.make_mesh()
     devices = self.mesh.devices.size
     if batch_size < 1:
@@ -84,7 +76,6 @@ class InceptionFeatures:
 def extract(network: FeatureNetwork, batches: Iterable[np.ndarray], total: int,
             what: str = 'images', log=print) -> np.ndarray:
   """Features of every batch of uint8 images, with a progress line (count, rate, ETA) per batch."""
-  from denseflow_jax.metrics.progress import Progress  # pylint: disable=g-import-not-at-top
   progress = Progress(total, what, log)
   out = []
   for batch in batches:

@@ -23,9 +23,8 @@ conv is one `lax.conv_general_dilated` with a bias; convolutions and the resize 
 format) and returns `(module, variables)`; `InceptionFeatures` wraps them as a jitted,
 device-sharded feature extractor (`denseflow_jax.metrics.FeatureNetwork`).
 """
-import functools
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
