@@ -30,18 +30,18 @@ Relative data paths resolve against the repository root.
 """
 import ml_collections
 
-from configs import tiny
+from denseflow_jax import defaults
 
 
 def get_config():
   """The small ablation: model, data, training, evaluation and the `ablation` section."""
-  config = tiny.get_config()        # tiny's blocks, modules, mid channels and growth
+  config = defaults.set_architecture(defaults.get_config(), 'tiny')  # blocks, modules, width, growth
   m = config.model
   m.dense_depth = 3
   m.dense_growth = 16
   m.glow_hidden = 40
   m.dequantization = 'uniform'
-  # coupling / augment / noise are set per variant by experiments/ablation.py.
+  # coupling / augment / noise are set per run from defaults.TABLE4 by experiments/ablation.py.
 
   d = config.data
   d.dataset = 'npz'

@@ -4,12 +4,13 @@ Data: TFDS `celeb_a`, aligned images cropped to the 148x148 box at (row 40, colu
 resized to 64x64 (bilinear); official partition, test split. Batch 32, 50 epochs, lr x 0.95
 per epoch, horizontal flip only; IWBO k = 200. Variant `finetune`: 5 more epochs at lr 2e-5.
 """
-from configs import cifar10, default
+from denseflow_jax import defaults
 
 
 def get_config(variant: str = ''):
   """The CelebA config; `variant` '' or 'finetune'."""
-  config = default.get_config()
+  defaults.check_variant(variant, ('', 'finetune'), 'configs/celeba.py')
+  config = defaults.get_config()
   config.model.image_size = 64
   config.data.dataset = 'celeba'
   config.data.hflip = True
@@ -20,8 +21,5 @@ def get_config(variant: str = ''):
   config.eval.batch_size = 32
   config.eval.iwbo_k = 200
   if variant == 'finetune':
-    cifar10.finetune(config, num_epochs=5)
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/celeba.py; expected '' or "
-                     "'finetune'")
+    defaults.finetune(config, num_epochs=5)
   return config

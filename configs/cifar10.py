@@ -5,32 +5,18 @@ Adamax 1e-3, warm-up 5000 steps, lr x 0.9975 per epoch, batch 64, 580 epochs, ra
 Variant `finetune` (`--config configs/cifar10.py:finetune --config.train.init_from=RUN`):
 70 more epochs at a constant lr 2e-5 from the newest checkpoint of RUN, in a new workdir.
 """
-from ml_collections import config_dict
-
-from configs import default
+from denseflow_jax import defaults
 
 
 def get_config(variant: str = ''):
   """The CIFAR-10 config; `variant` '' (train from scratch) or 'finetune'."""
-  config = default.get_config()
+  defaults.check_variant(variant, ('', 'finetune'), 'configs/cifar10.py')
+  config = defaults.get_config()
   config.data.dataset = 'cifar10'
   config.train.batch_size = 64
   config.train.num_epochs = 580
   config.train.decay_rate = 0.9975
   config.eval.iwbo_k = 1000
   if variant == 'finetune':
-    finetune(config, num_epochs=70)
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/cifar10.py; expected '' or "
-                     "'finetune'")
+    defaults.finetune(config, num_epochs=70)
   return config
-
-
-def finetune(config, num_epochs: int):
-  """Turns a training config into its fine-tuning stage: lr 2e-5, no warm-up, no decay."""
-  config.train.init_from = config_dict.placeholder(str)  # required: the trained run's workdir
-  config.train.lr = 2e-5
-  config.train.warmup_steps = 0
-  config.train.decay_rate = 1.0
-  config.train.num_epochs = num_epochs
-  config.train.num_steps = 0

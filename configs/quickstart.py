@@ -6,12 +6,12 @@ needs no download. At 8x8 only two blocks fit (after the initial squeeze the blo
 DenseFlow with blocks (2, 1), modules (2, 2), width 16, growth 4 and slimmer dense blocks and
 dequantizer than the paper's.
 """
-from configs import default
+from denseflow_jax import defaults
 
 
 def get_config():
   """Quickstart config: digits, two-block small DenseFlow, 1500 steps of batch 32."""
-  config = default.get_config()
+  config = defaults.get_config()
   m = config.model
   m.image_size, m.num_channels, m.num_bits = 8, 1, 5
   m.block_conf = (2, 1)

@@ -46,6 +46,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from denseflow_jax import defaults
 from denseflow_jax.artifacts import file_sha256
 
 PyTree = Any
@@ -168,9 +169,8 @@ def _merge(base: ml_collections.ConfigDict, values: Dict[str, Any]) -> None:
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-  """A config saved by `save_config`, laid over `configs.default` (missing fields keep defaults)."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
+  """A config saved by `save_config`, laid over `denseflow_jax.defaults` (missing fields keep defaults)."""
+  config = defaults.get_config()
   _merge(config, _tuples(json.loads(text)))
   return config
 

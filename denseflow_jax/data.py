@@ -12,7 +12,7 @@ with values in [0, 2^num_bits - 1]. Datasets (`config.data.dataset`):
 - `celeba`: TFDS `celeb_a`, official train / validation / test partition (test = 'test').
   Each 218x178 aligned image is cropped to the 148x148 box with top-left corner (row 40,
   column 15) and resized to 64x64 with PIL's bilinear filter (as the public DenseFlow code).
-  Augmentation is horizontal flip only (`translate` is ignored, as in the paper).
+  The paper augments CelebA by horizontal flips only: `configs/celeba.py` sets translate 0.
 - `npz`: local files; array `images` uint8 (N, H, W, C) or (N, H, W) (grey, C = 1 added),
   optional scalar array `num_bits` (default: `config.model.num_bits`). `train_npz`, and
   either `test_npz` or `holdout` (the last `holdout` images of the train file are the test
@@ -282,17 +282,17 @@ def load_sources(data_config: Any, num_bits: int = 8) -> tuple[ImageSource, Imag
   dataset = data_config.dataset
   if dataset in TFDS_DATASETS:
     _, train_split, test_split = TFDS_DATASETS[dataset]
-    data_dir = data_config.get('data_dir', '')
+    data_dir = data_config.data_dir
     return (tfds_source(dataset, train_split, data_dir),
             tfds_source(dataset, test_split, data_dir))
   if dataset == 'digits':
     return digits_source('train'), digits_source('test')
   if dataset == 'npz':
-    if not data_config.get('train_npz', ''):
+    if not data_config.train_npz:
       raise ValueError("dataset 'npz' needs config.data.train_npz (got '')")
     images, bits = load_npz(data_config.train_npz, num_bits)
-    holdout = int(data_config.get('holdout', 0))
-    test_npz = data_config.get('test_npz', '')
+    holdout = int(data_config.holdout)
+    test_npz = data_config.test_npz
     test = None
     if test_npz and holdout:
       raise ValueError(f'set either test_npz ({test_npz!r}) or holdout ({holdout}), not both')
@@ -508,9 +508,9 @@ def make_data(config: Any, process_index: int = 0, process_count: int = 1) -> Da
   """Builds the sources and pipelines from `config` and checks them against `config.model`."""
   data_config, model = config.data, config.model
   train, test = load_sources(data_config, num_bits=int(model.num_bits))
-  train = train.take(int(data_config.get('max_train_examples', 0)))
+  train = train.take(int(data_config.max_train_examples))
   if test is not None:
-    test = test.take(int(data_config.get('max_test_examples', 0)))
+    test = test.take(int(data_config.max_test_examples))
   provided = {'image_size': train.image_size, 'num_channels': train.num_channels,
               'num_bits': train.num_bits}
   for field, value in provided.items():
@@ -530,9 +530,8 @@ def make_data(config: Any, process_index: int = 0, process_count: int = 1) -> Da
       train=train, test=test, seed=int(config.train.seed),
       global_batch_size=batch, per_host_batch_size=batch // process_count,
       steps_per_epoch=len(train) // batch, eval_batch_size=eval_batch,
-      hflip=bool(data_config.get('hflip', True)),
-      translate=0.0 if data_config.dataset == 'celeba' else float(
-          data_config.get('translate', 0.0)),
+      hflip=bool(data_config.hflip),
+      translate=float(data_config.translate),
       process_index=process_index, process_count=process_count,
-      read_threads=int(data_config.get('read_threads', 4)),
-      prefetch=int(data_config.get('prefetch', 8)), **provided)
+      read_threads=int(data_config.read_threads),
+      prefetch=int(data_config.prefetch), **provided)

@@ -82,6 +82,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import ml_collections
 import numpy as np
 
+from denseflow_jax import defaults
 from denseflow_jax.artifacts import file_sha256
 from denseflow_jax.bijectors.dequantize import log_bin_width
 from denseflow_jax.config_check import plan_model
@@ -152,13 +153,12 @@ def _int_tuple(args: argparse.Namespace, field: str) -> Tuple[int, ...]:
 
 def model_config_from_args(args: argparse.Namespace,
                            allow_unknown: bool = False) -> ml_collections.ConfigDict:
-  """Our model config (`configs/default.py` fields) for the published command line `args`.
+  """Our model config (`denseflow_jax.defaults` fields) for the published command line `args`.
 
   Raises `OfficialCheckpointError` naming the field for a missing architecture field, an
   unknown data set, an architecture our model cannot build, or (unless `allow_unknown`) a field
   the published script does not have (it might change the architecture).
   """
-  from configs import default  # the package's config module
   fields = vars(args)
   unknown = sorted(set(fields) - set(KNOWN_ARGS))
   if unknown and not allow_unknown:
@@ -176,7 +176,7 @@ def model_config_from_args(args: argparse.Namespace,
     raise OfficialCheckpointError(f'args.num_bits = {args.num_bits!r}, args.growth_rate = '
                                   f'{args.growth_rate!r}: expected ints')
   size, channels = DATASETS[args.dataset]
-  m = default.get_model_config()
+  m = defaults.get_model_config()
   m.image_size, m.num_channels = size, channels
   m.num_bits = int(args.num_bits)
   m.block_conf = _int_tuple(args, 'block_conf')
@@ -196,13 +196,12 @@ def model_config_from_args(args: argparse.Namespace,
 
 def config_from_args(args: argparse.Namespace,
                      allow_unknown: bool = False) -> ml_collections.ConfigDict:
-  """A full experiment config (`configs/default.py`) for the published command line `args`.
+  """A full experiment config (`denseflow_jax.defaults`) for the published command line `args`.
 
   Model from `model_config_from_args`; `data.dataset` from `args.dataset` (CelebA without the
   random translation); `eval.iwbo_k` 1000 for CIFAR-10, 200 otherwise (paper protocol).
   """
-  from configs import default
-  config = default.get_config()
+  config = defaults.get_config()
   config.model = model_config_from_args(args, allow_unknown)
   config.data.dataset = args.dataset
   if args.dataset == 'celeba':

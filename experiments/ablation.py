@@ -39,24 +39,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from denseflow_jax import defaults
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Ablation config file '
                                           '(e.g. configs/ablation_small.py).', lock_config=True)
 flags.mark_flags_as_required(['config'])
 
 # Table-4 rows in the paper's order: name -> (coupling, augment, noise, row label, paper bpd).
-# Paper: CIFAR-10, DenseFlow-45-6, 300 epochs (SPEC section 6).
-VARIANTS = {
-    'glow_noaug': ('glow', False, 'preconditioned', 'none', 3.42),
-    'glow_aug': ('glow', True, 'plain', 'plain noise', 3.40),
-    'glow_aug_precond': ('glow', True, 'preconditioned', 'pre-conditioned noise', 3.37),
-    'denseflow_noaug': ('denseflow', False, 'preconditioned', 'none', 3.14),
-    'denseflow_aug': ('denseflow', True, 'plain', 'plain noise', 3.08),
-    'denseflow_aug_precond': ('denseflow', True, 'preconditioned', 'pre-conditioned noise',
-                              3.07),
-}
+VARIANTS = defaults.TABLE4
 COUPLING_LABEL = {'glow': 'Glow', 'denseflow': 'DenseFlow'}
 RESULTS_JSON, TABLE_MD, PLOT_PNG = 'ablation.json', 'ablation.md', 'ablation.png'
 FORMAT_VERSION = 1
@@ -103,8 +95,7 @@ def run_config(config, variant: str, seed: int):
   values = config.to_dict()
   values.pop('ablation', None)
   cfg = ml_collections.ConfigDict(values)
-  coupling, augment, noise, _, _ = VARIANTS[variant]
-  cfg.model.coupling, cfg.model.augment, cfg.model.noise = coupling, augment, noise
+  defaults.set_table4_variant(cfg, variant)
   cfg.train.seed = int(seed)
   return cfg
 

@@ -54,8 +54,6 @@ import ml_collections
 from ml_collections import config_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:  # `configs` is imported by the config files
-  sys.path.insert(0, REPO_ROOT)
 
 PERF_XLA_FLAGS = ('--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true '
                   '--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_prefer_vector_width=512')

@@ -17,12 +17,10 @@ Before writing, the converted variables are exported back and compared with the 
 state_dict tensor by tensor (bit for bit); a mismatch aborts the conversion.
 """
 import os
-import sys
 
 from absl import flags, logging
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from denseflow_jax import cli, official  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS

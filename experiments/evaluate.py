@@ -10,12 +10,10 @@ Works with training workdirs and with converted checkpoints (config.json + param
 import json
 import math
 import os
-import sys
 import time
 
 from absl import flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from denseflow_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir with config.json and checkpoints/.')

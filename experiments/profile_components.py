@@ -16,13 +16,11 @@ gradient) and the minor page faults per train step. Flags are shared with benchm
 import json
 import os
 import resource
-import sys
 import time
 from typing import Any, Callable, Dict, List
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # pylint: disable=g-import-not-at-top  (its flags: --config, --steps, ...)
 
 FLAGS = flags.FLAGS

@@ -7,11 +7,9 @@ Writes `DIR/samples/sample_t<T>_seed<S>.png` and `.npy` (uint8 (num, H, W, C) wi
 converted checkpoints (config.json + params).
 """
 import os
-import sys
 
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from denseflow_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir with config.json and checkpoints/.')

@@ -1,14 +1,14 @@
 """Tests for denseflow_jax.data: sources, augmentation, deterministic resume, validation."""
+import importlib
 import itertools
 import os
 import re
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 
-from denseflow_jax import data
+from denseflow_jax import data, defaults
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_TRAIN = os.path.join('..', 'shared', 'data', 'cifar10_train_subset.npz')
@@ -23,16 +23,12 @@ TFDS_CASES = {
 
 
 def make_config(dataset='digits', **data_fields):
-  """A small config with the fields make_data reads."""
-  config = ml_collections.ConfigDict()
-  config.model = ml_collections.ConfigDict(
-      {'image_size': 8, 'num_channels': 1, 'num_bits': 5})
-  config.data = ml_collections.ConfigDict({
-      'dataset': dataset, 'data_dir': '', 'train_npz': '', 'test_npz': '', 'holdout': 0,
-      'hflip': True, 'translate': 0.04, 'max_train_examples': 0, 'max_test_examples': 0})
+  """The default config for 8x8 grey 5-bit images of `dataset`, batches of 16."""
+  config = defaults.get_config()
+  config.model.update(image_size=8, num_channels=1, num_bits=5)
+  config.data.dataset = dataset
   config.data.update(data_fields)
-  config.train = ml_collections.ConfigDict({'batch_size': 16, 'seed': 0})
-  config.eval = ml_collections.ConfigDict({'batch_size': 16})
+  config.train.batch_size = config.eval.batch_size = 16
   return config
 
 
@@ -82,7 +78,8 @@ def test_tfds_sources_with_mock_data(tmp_path, name):
       image = source[4]
       assert image.shape == shape and image.dtype == np.uint8
       assert source.read_batch([0, 3]).shape == (2,) + shape
-    config = make_config(name, data_dir=str(tmp_path))
+    config = importlib.import_module(f'configs.{name}').get_config()  # its data section
+    config.data.data_dir = str(tmp_path)
     config.model.update(image_size=shape[0], num_channels=3, num_bits=8)
     config.train.batch_size = config.eval.batch_size = 2
     loaded = data.make_data(config)
