@@ -81,9 +81,16 @@ def save_png(path: str, image: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
-def save_sample_grid(path: str, images: np.ndarray, num_bits: int) -> None:
-  """Integer samples (N, H, W, C) -> PNG grid at `path`."""
-  save_png(path, image_grid(images, num_bits))
+def enlarge(image: np.ndarray, min_long_side: int = 256) -> np.ndarray:
+  """(H, W, C) -> the same image repeated by an integer factor (nearest neighbour) so that its
+  long side is at least `min_long_side` pixels; unchanged if it already is."""
+  factor = max(1, -(-int(min_long_side) // max(image.shape[:2])))
+  return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1) if factor > 1 else image
+
+
+def save_sample_grid(path: str, images: np.ndarray, num_bits: int, columns: int = 0) -> None:
+  """Integer samples (N, H, W, C) -> PNG grid at `path`, enlarged to >= 256 px (`enlarge`)."""
+  save_png(path, enlarge(image_grid(images, num_bits, columns)))
 
 
 def append_metrics(workdir: str, step: int, metrics: Dict[str, float]) -> None:

@@ -119,20 +119,16 @@ def main(argv):
   else:
     config, model, step, variables = checkpoint.load_model(
         _WORKDIR.value, mesh, None if _STEP.value < 0 else _STEP.value)
+    from denseflow_jax.sampling import sample_batches  # pylint: disable=g-import-not-at-top
     sharded = parallel.ShardedModel(model, mesh)
     batch = -(-_BATCH.value // mesh.devices.size) * mesh.devices.size
-    key = jax.random.key(_SEED.value)
-
-    def sample_batches():
-      for i in range(0, _NUM.value, batch):
-        images = parallel.to_host(sharded.sample(
-            variables, jax.random.key_data(jax.random.fold_in(key, i)), batch,
-            _TEMPERATURE.value))
-        yield artifacts.to_uint8(images[:min(batch, _NUM.value - i)], config.model.num_bits)
+    samples = (artifacts.to_uint8(images, config.model.num_bits) for images in sample_batches(
+        sharded, variables, _NUM.value, temperature=_TEMPERATURE.value, seed=_SEED.value,
+        batch=batch))
 
     log(f'sampling {_NUM.value} images from step {step} of {_WORKDIR.value} '
         f'(T={_TEMPERATURE.value:g}, batches of {batch})')
-    features = extract(network, sample_batches(), _NUM.value, 'samples and features', log)
+    features = extract(network, samples, _NUM.value, 'samples and features', log)
     what = {'workdir': os.path.abspath(_WORKDIR.value), 'step': int(step),
             'temperature': _TEMPERATURE.value, 'seed': _SEED.value}
   stats = feature_stats(features)
