@@ -9,6 +9,7 @@ the traceback of expected failures too.
 The `check_*` helpers raise `UsageError` naming the flag and its value; call them before any
 long work (loading, compiling, evaluating), so that a bad output path is refused at once.
 """
+import logging as logging_std
 import math
 import numbers
 import os
@@ -58,12 +59,44 @@ def fail(message: str, status: int = EXIT_USAGE) -> None:
   sys.exit(status)
 
 
+HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull', '--helpxml')
+
+
+def _check_config_files(argv: Sequence[str]) -> None:
+  """A `--config PATH[:VARIANT]` that names no file is one line, before absl tries to load it."""
+  for i, arg in enumerate(argv):
+    if arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith('--config='):
+      value = arg[len('--config='):]
+    else:
+      continue
+    path = value.split(':', 1)[0]
+    if path and not os.path.isfile(path):
+      fail(f'--config {value}: no such config file {path!r}')
+
+
+def _without_traceback(text: str) -> str:
+  """`prefix: Traceback ... XError: message` (ml_collections' load errors) -> `prefix: message`."""
+  head, marker, tail = text.partition('Traceback (most recent call last):')
+  if not marker:
+    return text
+  last = [line for line in tail.strip().splitlines() if line.strip()][-1:]
+  return head + (last[0].strip() if last else '')
+
+
 def parse_flags(argv: List[str]) -> List[str]:
-  """absl flag parsing with one-line errors (bad values, --config overrides of missing fields)."""
+  """absl flag parsing with one-line errors (bad values, missing config files, --config overrides
+  of missing fields); `--help` exits with status 0."""
+  _check_config_files(argv[1:])
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl's --help prints the usage, then exits with status 1
+    if e.code == 1 and any(a.split('=')[0] in HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
   except flags.Error as e:
-    fail(one_line(e))
+    fail(one_line(_without_traceback(str(e))) if 'Traceback' in str(e) else one_line(e))
   except (AttributeError, KeyError) as e:  # raised by ConfigDict for an unknown field
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
@@ -76,8 +109,19 @@ def parse_flags(argv: List[str]) -> List[str]:
   return []
 
 
+def quiet_startup() -> None:
+  """No start-up noise from the libraries: TensorFlow's C++ lines (oneDNN notice, CPU-feature
+  notice; TF only writes TensorBoard files and reads TFDS here, so its oneDNN kernels are off)
+  and JAX's "Unable to initialize backend 'tpu' / 'proxy'". Must run before TF is imported;
+  explicit settings of the environment variables win."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  logging_std.getLogger('jax._src.xla_bridge').setLevel(logging_std.WARNING)
+
+
 def run(main: Callable[[List[str]], Any]) -> None:
   """`absl.app.run(main)` with expected failures turned into `error: ...` and status 2."""
+  quiet_startup()
 
   def guarded(argv):
     if len(argv) > 1:

@@ -207,3 +207,31 @@ def test_train_refuses_bad_values_workdir_and_init_from_in_one_line(tmp_path):
                                 f'--config.train.init_from={source}'),
                         f'{source}/checkpoints holds no checkpoint')
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize('name', ['train.py', 'evaluate.py', 'sample.py', 'fid.py',
+                                  'neighbours.py', 'convert_official.py'])
+def test_help_exits_0(name):
+  result = run_cli(script(name), '--help')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'flags:' in result.stdout + result.stderr
+
+
+def test_config_file_errors_are_one_line(tmp_path):
+  result = run_cli(script('train.py'), '--config', 'configs/no_such.py', f'--workdir={tmp_path}')
+  assert_one_line_error(result, "no such config file 'configs/no_such.py'")
+  result = run_cli(script('train.py'), '--config=configs/cifar10.py:fine', f'--workdir={tmp_path}')
+  assert_one_line_error(result, "unknown variant 'fine' of configs/cifar10.py")
+
+
+def test_quiet_startup_silences_library_noise():
+  code = ('from denseflow_jax import cli; cli.quiet_startup(); import logging; '
+          'logging.basicConfig(level=logging.INFO); import tensorflow, jax; jax.devices()')
+  env = dict(os.environ)
+  for name in ('TF_CPP_MIN_LOG_LEVEL', 'TF_ENABLE_ONEDNN_OPTS', 'JAX_PLATFORMS'):
+    env.pop(name, None)
+  result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  for noise in ('oneDNN', 'Unable to initialize backend', 'cpu_feature_guard'):
+    assert noise not in result.stderr, result.stderr[-2000:]
