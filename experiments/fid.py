@@ -26,6 +26,10 @@ _REFERENCE = flags.DEFINE_string('reference', None, 'Reference: data spec or sta
 _NUM = flags.DEFINE_integer('num', 50000, 'Samples to draw (--workdir) or images to use '
                             '(--data; 0 = all).')
 _REFERENCE_NUM = flags.DEFINE_integer('reference_num', 0, 'Reference images to use (0 = all).')
+_FEATURES = flags.DEFINE_enum('features', 'inception', ['inception', 'digits'],
+                              'Feature network: pytorch-fid\'s Inception-v3 (natural images) or '
+                              'the digits classifier (8x8 digits; also gives the Inception-style '
+                              'score).')
 _INCEPTION = flags.DEFINE_string('inception', None, 'pytorch-fid weights file '
                                  '(default: $DENSEFLOW_JAX_INCEPTION).')
 _BATCH = flags.DEFINE_integer('batch', 250, 'Images per sampling and feature batch.')
@@ -105,9 +109,14 @@ def main(argv):
   log = print if jax.process_index() == 0 else (lambda *_: None)
   start = time.monotonic()
   mesh = parallel.make_mesh()
-  network = InceptionFeatures(_INCEPTION.value, _BATCH.value, mesh)
-  log(f'Inception weights {inception.find_weights(_INCEPTION.value)} ({network.name}), '
-      f'{mesh.devices.size} device(s)')
+  if _FEATURES.value == 'digits':
+    from denseflow_jax.metrics import digits  # pylint: disable=g-import-not-at-top
+    network = digits.load_digits_classifier(log=log)
+    log(f'digits classifier features ({network.name}), {mesh.devices.size} device(s)')
+  else:
+    network = InceptionFeatures(_INCEPTION.value, _BATCH.value, mesh)
+    log(f'Inception weights {inception.find_weights(_INCEPTION.value)} ({network.name}), '
+        f'{mesh.devices.size} device(s)')
   ref_stats, ref_where = _stats_of_spec(network, _REFERENCE.value, _REFERENCE_NUM.value,
                                         _STATS_CACHE.value, log)
   if _DATA.value:
@@ -136,6 +145,9 @@ def main(argv):
     frechet.save_stats(_SAVE_STATS.value, stats)
   fid = frechet_distance(stats, ref_stats)
   seconds = time.monotonic() - start
+  if hasattr(network, 'probabilities_from_features'):
+    from denseflow_jax.metrics.digits import inception_score  # pylint: disable=g-import-not-at-top
+    what['inception_score'] = inception_score(network.probabilities_from_features(features))
   result = {'fid': fid, 'num': stats.count, 'reference': _REFERENCE.value,
             'reference_num': ref_stats.count, 'reference_stats': ref_where,
             'feature_network': network.name, 'seconds': round(seconds, 1), **what}
@@ -145,7 +157,9 @@ def main(argv):
       with open(tmp, 'w') as f:
         json.dump(result, f, indent=1)
       os.replace(tmp, output)
-    log(f'FID {fid:.4f} ({stats.count} vs {ref_stats.count} images, '
+    score = (f', Inception-style score {what["inception_score"]:.3f}'
+             if 'inception_score' in what else '')
+    log(f'FID {fid:.4f}{score} ({stats.count} vs {ref_stats.count} images, '
         f'{format_seconds(seconds)})' + (f'; written to {output}' if output else ''))
 
 
