@@ -1,8 +1,8 @@
-"""The workdir: saved config, orbax checkpoints, restoring the newest valid one.
+"""The workdir's orbax checkpoints: writing them, and restoring the newest valid one.
 
 Layout of a workdir (shared by training, evaluation, sampling and converted official weights):
 
-  <workdir>/config.json               the full experiment config (`ConfigDict.to_json`)
+  <workdir>/config.json               the full experiment config (`config_file`)
   <workdir>/checkpoints/<step>/       one orbax checkpoint per saved step, with items
       params/                         model parameters (orbax `StandardSave` pytree)
       batch_stats/                    BatchNorm running statistics (absent when the model
@@ -15,15 +15,18 @@ Layout of a workdir (shared by training, evaluation, sampling and converted offi
   <workdir>/train.lock                held by the training run using the workdir (workdir_lock)
 
 Evaluation and sampling only need `params` (+ `batch_stats`), so a converted checkpoint
-holding just those two items is a valid workdir. `load_variables` also accepts the two other
-ways of writing {'params', 'batch_stats'} with orbax: one pytree item named `default`
-(`CheckpointManager.save(step, args=StandardSave(tree))`) or the step directory itself
-being a pytree checkpoint (`StandardCheckpointer().save(step_dir, tree)`).
+holding just those two items is a valid workdir.
+
+One reader, `CheckpointReader`, restores every checkpoint (training's resume, fine-tuning,
+evaluation, sampling, FID, the converter): it walks back from the newest step past corrupt or
+non-finite checkpoints, skipping each with a one-line warning, and never changes the workdir.
+`Checkpoints`, the writer training uses (the converter too), is a reader that also moves the
+corrupt checkpoints it skips aside.
 
 Errors (`CheckpointError` and its subclasses, one line each): a checkpoint whose files are
-damaged is `CheckpointCorruptError` (skipped, and moved aside by training); one that does not
-fit the model is `CheckpointMismatchError` and one that cannot be read for lack of permission
-`CheckpointAccessError` (both stop, nothing is moved); a failed save is
+damaged is `CheckpointCorruptError` (skipped); one that does not fit the model is
+`CheckpointMismatchError` and one that cannot be read for lack of permission
+`CheckpointAccessError` (both stop the walk back, nothing is moved); a failed save is
 `CheckpointWriteError`.
 """
 import asyncio
@@ -42,20 +45,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from denseflow_jax import defaults
+from denseflow_jax import config_file
 from denseflow_jax.artifacts import file_sha256
 
 PyTree = Any
-CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_DIR = 'checkpoints_corrupt'
 ITEM_PARAMS, ITEM_BATCH_STATS, ITEM_TRAINING = 'params', 'batch_stats', 'training'
-# Model fields that may change between runs that share parameters.
-IMPLEMENTATION_ONLY_FIELDS = ('remat',)
 
 
 # orbax records that only repeat an error our own message reports (in one line).
@@ -144,111 +143,6 @@ def _quiet_closed_loop_errors() -> None:
 
   hook._denseflow_quiet = True  # pylint: disable=protected-access
   sys.unraisablehook = hook
-
-
-# ----------------------------------------------------------------------------- config file
-
-
-def _tuples(value: Any) -> Any:
-  """JSON lists -> tuples (our configs use tuples), recursively."""
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  return value
-
-
-def _merge(base: ml_collections.ConfigDict, values: Dict[str, Any]) -> None:
-  for key, value in values.items():
-    if isinstance(value, dict) and isinstance(base.get(key), ml_collections.ConfigDict):
-      _merge(base[key], value)
-    elif key in base and isinstance(base[key], float) and isinstance(value, int):
-      base[key] = float(value)
-    else:
-      base[key] = value
-
-
-def config_from_json(text: str) -> ml_collections.ConfigDict:
-  """A config saved by `save_config`, laid over `denseflow_jax.defaults` (missing fields keep defaults)."""
-  config = defaults.get_config()
-  _merge(config, _tuples(json.loads(text)))
-  return config
-
-
-def config_path(workdir: str) -> str:
-  """`<workdir>/config.json`."""
-  return os.path.join(workdir, CONFIG_FILE)
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """Reads `<workdir>/config.json`; FileNotFoundError naming the path if absent."""
-  path = config_path(workdir)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} not found: {workdir!r} is not a DenseFlow workdir (it '
-                            f'needs {CONFIG_FILE} and {CHECKPOINT_DIR}/<step>/)')
-  with open(path) as f:
-    return config_from_json(f.read())
-
-
-def _plain(value: Any) -> Any:
-  return json.loads(json.dumps(value, default=list))
-
-
-def model_differences(saved: ml_collections.ConfigDict,
-                      current: ml_collections.ConfigDict) -> List[str]:
-  """`field: saved -> current` for every model field that changes the parameters or function."""
-  diffs = []
-  keys = sorted(set(saved.model.keys()) | set(current.model.keys()))
-  for key in keys:
-    if key in IMPLEMENTATION_ONLY_FIELDS:
-      continue
-    a, b = _plain(saved.model.get(key)), _plain(current.model.get(key))
-    if a != b:
-      diffs.append(f'model.{key}: {a!r} -> {b!r}')
-  return diffs
-
-
-def _flat(config: ml_collections.ConfigDict, prefix: str = '') -> Dict[str, Any]:
-  out = {}
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[prefix + key] = _plain(value)
-  return out
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes `<workdir>/config.json` atomically (call on process 0 only)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = config_path(workdir)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(config.to_json(indent=2, sort_keys=True))
-  os.replace(tmp, path)
-
-
-def check_and_save_config(config: ml_collections.ConfigDict, workdir: str,
-                          write: bool = True) -> None:
-  """Refuses a workdir whose saved config has another model; records the config used.
-
-  Differences outside the model section (e.g. more steps) are logged as warnings and the new
-  config replaces the saved one. `write=False` on processes other than 0.
-  """
-  path = config_path(workdir)
-  if os.path.isfile(path):
-    saved = load_config(workdir)
-    diffs = model_differences(saved, config)
-    if diffs:
-      raise ValueError(f'{path} holds a run with a different model ({"; ".join(diffs)}); '
-                       'resume with the saved config or use a new --workdir')
-    old, new = _flat(saved), _flat(config)
-    changed = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k)]
-    if changed:
-      logging.warning('config differs from the saved %s: %s', path, '; '.join(changed))
-  if write:
-    save_config(config, workdir)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -532,21 +426,135 @@ def _close_abandoned_writes() -> None:
   _quiet_closed_loop_errors()
 
 
-class Checkpoints:
-  """orbax `CheckpointManager` over `<workdir>/checkpoints` (atomic, keep the newest K).
+def _step_dirs(directory: str) -> List[int]:
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
 
-  `save` writes `{'params', 'batch_stats', 'training'}` (see the module docstring) and
-  refuses a non-finite state. Saves are asynchronous: a save is committed (its checksum
-  manifest written and "saved checkpoint N" logged) at the next `save`, `wait` or `close`,
-  and a failed write raises `CheckpointWriteError` there, with the previous checkpoints
-  intact. `restore_newest_valid` walks back from the newest step past corrupt or non-finite
-  checkpoints, warning about each in one line and moving it aside; a checkpoint that does not
-  fit the model or cannot be read for lack of permission stops it, and nothing is moved.
+
+def _restore_tree(path: str, target: Optional[PyTree]) -> PyTree:
+  """Restores a pytree item; without a target, onto this process's first device.
+
+  (A checkpoint written on another device topology cannot be restored without a target, so
+  the target is then built from the stored shapes and dtypes.)
+  """
+  with ocp.StandardCheckpointer() as checkpointer:
+    if target is None:
+      target = _stored_tree(path)
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            target)
+    return checkpointer.restore(path, target)
+
+
+class CheckpointReader:
+  """Restores checkpoints of `<workdir>/checkpoints`; never changes the workdir.
+
+  `restore_newest_valid` is the one walk-back policy: newest step first, past corrupt or
+  non-finite checkpoints (one warning each, listed in `skipped`); a checkpoint that does not
+  fit the model (`CheckpointMismatchError`) or cannot be read for lack of permission
+  (`CheckpointAccessError`) stops it.
+  """
+
+  def __init__(self, workdir: str):
+    self.directory = checkpoint_dir(workdir)
+    self.workdir = os.path.abspath(workdir)
+    self.skipped: List[str] = []
+
+  def all_steps(self) -> Sequence[int]:
+    """Saved steps, oldest first."""
+    return _step_dirs(self.directory)
+
+  def _verify(self, step_dir: str) -> bool:
+    """The manifest check on process 0, its outcome on every process."""
+    code, error = 0, None
+    if jax.process_index() == 0:
+      try:
+        code = 1 if verify_manifest(step_dir) else 0
+      except CheckpointAccessError as e:
+        code, error = 3, e
+      except CheckpointCorruptError as e:
+        code, error = 2, e
+    code = _broadcast_code(code)
+    if code == 2:
+      raise error or CheckpointCorruptError('checksum mismatch (found on process 0)')
+    if code == 3:
+      raise error or CheckpointAccessError(f'cannot read {step_dir} (on process 0)')
+    return code == 1
+
+  def restore(self, step: int, abstract: Dict[str, Optional[PyTree]]) -> Dict[str, PyTree]:
+    """{item: tree} of checkpoint `step`, checked against its manifest and `abstract`.
+
+    `abstract` maps item names to pytrees of `jax.ShapeDtypeStruct` (optionally with
+    shardings) giving the structure to restore into; an empty tree means the item must be
+    absent, None restores whatever is stored (onto the first local device; {} if absent).
+    """
+    step_dir = os.path.join(self.directory, str(step))
+    self._verify(step_dir)
+    check_structure(step_dir, {name: tree for name, tree in abstract.items()
+                               if tree is not None})
+    out = {}
+    for name, tree in abstract.items():
+      item_dir = os.path.join(step_dir, name)
+      if tree is not None and not jax.tree.leaves(tree):
+        out[name] = tree
+        continue
+      if tree is None and not os.path.isdir(item_dir):
+        if name == ITEM_PARAMS:
+          raise CheckpointCorruptError(f'it has no {ITEM_PARAMS}/ item')
+        out[name] = {}
+        continue
+      try:
+        out[name] = _restore_tree(item_dir, tree)
+      except Exception as e:  # pylint: disable=broad-except
+        _quiet_closed_loop_errors()
+        if _is_permission_error(e):
+          raise _access_error(step_dir, e) from None
+        raise CheckpointCorruptError(_describe_error(e)) from None
+    if not _all_finite(out):
+      raise CheckpointCorruptError('it holds non-finite values')
+    return out
+
+  def _set_aside(self, step: int) -> str:
+    """What is done with a corrupt checkpoint, for the warning: here nothing."""
+    del step
+    return 'left it in place'
+
+  def restore_newest_valid(self, abstract: Dict[str, Optional[PyTree]],
+                           steps: Optional[Sequence[int]] = None
+                           ) -> Tuple[Optional[int], Optional[Dict[str, PyTree]]]:
+    """(step, {item: tree}) of the newest intact, finite checkpoint, or (None, None).
+
+    Looks at `steps` (default: all saved steps), newest first; see `restore` for `abstract`.
+    """
+    self.skipped = []
+    for step in sorted(self.all_steps() if steps is None else steps, reverse=True):
+      try:
+        return step, self.restore(step, abstract)
+      except CheckpointCorruptError as e:
+        step_dir = os.path.join(self.directory, str(step))
+        done = self._set_aside(step)
+        logging.warning('skipping corrupt checkpoint %s (%s): %s; falling back to the previous '
+                        'one', step_dir, e, done)
+        self.skipped.append(f'{step}: {e}')
+    return None, None
+
+
+class Checkpoints(CheckpointReader):
+  """The writer: orbax `CheckpointManager` over `<workdir>/checkpoints` (atomic, keep the
+  newest K), restoring as `CheckpointReader` but moving the corrupt checkpoints it skips to
+  `<workdir>/checkpoints_corrupt/`.
+
+  `save` writes `{'params', 'batch_stats', 'training'}` (see the module docstring; no
+  `training` item for a converted model) and refuses a non-finite state. Saves are
+  asynchronous: a save is committed (its checksum manifest written and "saved checkpoint N"
+  logged) at the next `save`, `wait` or `close`, and a failed write raises
+  `CheckpointWriteError` there, with the previous checkpoints intact.
   """
 
   def __init__(self, workdir: str, keep: int = 3, asynchronous: bool = True):
-    self.directory = checkpoint_dir(workdir)
-    self.workdir = os.path.abspath(workdir)
+    super().__init__(workdir)
     self._pending: Optional[int] = None
     self._closed = False
     options = ocp.CheckpointManagerOptions(
@@ -617,17 +625,20 @@ class Checkpoints:
       raise self._write_failed(step, error or OSError('failed on process 0')) from None
     logging.info('saved checkpoint %d', step)
 
-  def save(self, step: int, params: PyTree, batch_stats: PyTree, training: PyTree) -> bool:
+  def save(self, step: int, params: PyTree, batch_stats: PyTree,
+           training: Optional[PyTree]) -> bool:
     """Saves a checkpoint at `step` (all processes call this); False if refused as non-finite.
 
-    The previous save is committed first (see the class docstring).
+    The previous save is committed first (see the class docstring). `training=None` writes
+    no `training` item (a converted model).
     """
     self._commit_pending()
-    if not _all_finite((params, batch_stats, training)):
+    if not _all_finite((params, batch_stats, training or {})):
       logging.error('not saving step %d: the state holds non-finite values', step)
       return False
-    items = {ITEM_PARAMS: ocp.args.StandardSave(params),
-             ITEM_TRAINING: ocp.args.StandardSave(training)}
+    items = {ITEM_PARAMS: ocp.args.StandardSave(params)}
+    if training is not None:
+      items[ITEM_TRAINING] = ocp.args.StandardSave(training)
     if jax.tree.leaves(batch_stats):
       items[ITEM_BATCH_STATS] = ocp.args.StandardSave(batch_stats)
     if step in self.manager.all_steps():
@@ -660,42 +671,8 @@ class Checkpoints:
     except Exception:  # pylint: disable=broad-except
       pass  # a failed background write: reported by `_write_failed`
 
-  def _verify(self, step_dir: str) -> bool:
-    """The manifest check on process 0, its outcome on every process."""
-    code, error = 0, None
-    if jax.process_index() == 0:
-      try:
-        code = 1 if verify_manifest(step_dir) else 0
-      except CheckpointAccessError as e:
-        code, error = 3, e
-      except CheckpointCorruptError as e:
-        code, error = 2, e
-    code = _broadcast_code(code)
-    if code == 2:
-      raise error or CheckpointCorruptError('checksum mismatch (found on process 0)')
-    if code == 3:
-      raise error or CheckpointAccessError(f'cannot read {step_dir} (on process 0)')
-    return code == 1
-
-  def _restore(self, step: int, abstract: Dict[str, PyTree]) -> Dict[str, PyTree]:
-    step_dir = os.path.join(self.directory, str(step))
-    self._verify(step_dir)
-    check_structure(step_dir, abstract)
-    items = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()
-             if jax.tree.leaves(tree)}
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # pylint: disable=broad-except
-      _quiet_closed_loop_errors()
-      if _is_permission_error(e):
-        raise _access_error(step_dir, e) from None
-      raise CheckpointCorruptError(_describe_error(e)) from None
-    out = {name: restored[name] if name in items else tree for name, tree in abstract.items()}
-    if not _all_finite(out):
-      raise CheckpointCorruptError('it holds non-finite values')
-    return out
-
   def _move_aside(self, step: int) -> str:
+    """Moves checkpoint `step` to `<workdir>/checkpoints_corrupt/<step>-<time>` (process 0)."""
     src = os.path.join(self.directory, str(step))
     dst = os.path.join(self.workdir, CORRUPT_DIR, f'{step}-{int(time.time())}')
     if jax.process_index() == 0 and os.path.isdir(src):
@@ -710,76 +687,11 @@ class Checkpoints:
     self.manager.reload()
     return dst
 
-  def restore_newest_valid(self, abstract: Dict[str, PyTree]
-                           ) -> Tuple[Optional[int], Optional[Dict[str, PyTree]]]:
-    """(step, {item: tree}) of the newest intact, finite checkpoint, or (None, None).
-
-    `abstract` maps item names to pytrees of `jax.ShapeDtypeStruct` (with shardings) that give
-    the structure to restore into. Corrupt checkpoints are moved aside with one warning each;
-    `CheckpointMismatchError` / `CheckpointAccessError` stop the search and touch nothing.
-    """
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        return step, self._restore(step, abstract)
-      except CheckpointCorruptError as e:
-        src = os.path.join(self.directory, str(step))
-        dst = self._move_aside(step)
-        logging.warning('checkpoint %s is corrupt (%s): moved it to %s; falling back to the '
-                        'previous one', src, e, dst)
-    return None, None
+  def _set_aside(self, step: int) -> str:
+    return f'moved it to {self._move_aside(step)}'
 
 
 # ----------------------------------------------------------------------------- loading weights
-
-
-def _step_dirs(directory: str) -> List[int]:
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(name) for name in os.listdir(directory)
-                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
-
-
-def _restore_tree(path: str, target: Optional[PyTree]) -> PyTree:
-  """Restores a pytree item; without a target, onto this process's first device.
-
-  (A checkpoint written on another device topology cannot be restored without a target, so
-  the target is then built from the stored shapes and dtypes.)
-  """
-  with ocp.StandardCheckpointer() as checkpointer:
-    if target is None:
-      metadata = checkpointer.metadata(path)
-      tree = getattr(metadata, 'item_metadata', metadata)
-      tree = getattr(tree, 'tree', tree)
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            tree)
-    return checkpointer.restore(path, target)
-
-
-def _restore_variables(step_dir: str, abstract: Optional[Dict[str, PyTree]]) -> Dict[str, PyTree]:
-  abstract = abstract or {}
-  has_bs = bool(jax.tree.leaves(abstract.get(ITEM_BATCH_STATS, {'x': 0})))
-  if os.path.isdir(os.path.join(step_dir, ITEM_PARAMS)):  # our layout: one item per collection
-    out = {ITEM_PARAMS: _restore_tree(os.path.join(step_dir, ITEM_PARAMS),
-                                      abstract.get(ITEM_PARAMS)), ITEM_BATCH_STATS: {}}
-    bs_dir = os.path.join(step_dir, ITEM_BATCH_STATS)
-    if os.path.isdir(bs_dir) and has_bs:
-      out[ITEM_BATCH_STATS] = _restore_tree(bs_dir, abstract.get(ITEM_BATCH_STATS))
-    elif has_bs and abstract:
-      raise CheckpointError(f'{step_dir} has no {ITEM_BATCH_STATS} item but the model has '
-                            'BatchNorm statistics')
-    return out
-  for tree_dir in (os.path.join(step_dir, 'default'), step_dir):  # one pytree {'params', ...}
-    if os.path.isfile(os.path.join(tree_dir, '_METADATA')):
-      target = None
-      if abstract:
-        target = {ITEM_PARAMS: abstract[ITEM_PARAMS]}
-        if has_bs:
-          target[ITEM_BATCH_STATS] = abstract[ITEM_BATCH_STATS]
-      tree = _restore_tree(tree_dir, target)
-      return {ITEM_PARAMS: tree[ITEM_PARAMS], ITEM_BATCH_STATS: tree.get(ITEM_BATCH_STATS, {})}
-  raise CheckpointError(f'{step_dir} is not a checkpoint: expected an orbax item '
-                        f"'{ITEM_PARAMS}/' (or 'default/', or a pytree checkpoint)")
 
 
 def load_variables(workdir: str, abstract: Optional[Dict[str, PyTree]] = None,
@@ -793,34 +705,22 @@ def load_variables(workdir: str, abstract: Optional[Dict[str, PyTree]] = None,
   of the workdir); `CheckpointMismatchError` (the checkpoint does not fit `abstract`) and
   `CheckpointAccessError` (permission denied) are raised at once.
   """
-  directory = checkpoint_dir(workdir)
-  steps = _step_dirs(directory)
+  reader = CheckpointReader(workdir)
+  steps = list(reader.all_steps())
   if step is not None:
     if step not in steps:
-      raise CheckpointError(f'no checkpoint for step {step} in {directory} (have {steps})')
+      raise CheckpointError(f'no checkpoint for step {step} in {reader.directory} (have {steps})')
     steps = [step]
   if not steps:
-    raise CheckpointError(f'no checkpoints in {directory}: expected {CHECKPOINT_DIR}/<step>/')
-  errors = []
-  for s in reversed(steps):
-    step_dir = os.path.join(directory, str(s))
-    try:
-      verify_manifest(step_dir)
-      if abstract and os.path.isdir(os.path.join(step_dir, ITEM_PARAMS)):
-        check_structure(step_dir, {name: tree for name, tree in abstract.items()
-                                   if name == ITEM_PARAMS or jax.tree.leaves(tree)})
-      variables = _restore_variables(step_dir, abstract)
-    except (CheckpointMismatchError, CheckpointAccessError):
-      raise
-    except Exception as e:  # pylint: disable=broad-except
-      if _is_permission_error(e):
-        raise _access_error(step_dir, e) from None
-      _quiet_closed_loop_errors()
-      logging.warning('skipping unreadable checkpoint %s (%s)', step_dir, _describe_error(e))
-      errors.append(f'{s}: {_describe_error(e)}')
-      continue
-    return s, variables
-  raise CheckpointError(f'no readable checkpoint in {directory}: {"; ".join(errors)}')
+    raise CheckpointError(f'no checkpoints in {reader.directory}: expected '
+                          f'{CHECKPOINT_DIR}/<step>/')
+  abstract = abstract or {}
+  found, variables = reader.restore_newest_valid(
+      {name: abstract.get(name) for name in (ITEM_PARAMS, ITEM_BATCH_STATS)}, steps)
+  if found is None:
+    raise CheckpointError(f'no readable checkpoint in {reader.directory}: '
+                          f'{"; ".join(reader.skipped)}')
+  return found, variables
 
 
 def load_model(workdir: str, mesh=None, step: Optional[int] = None):
@@ -831,7 +731,7 @@ def load_model(workdir: str, mesh=None, step: Optional[int] = None):
   """
   from denseflow_jax import parallel  # pylint: disable=g-import-not-at-top
   from denseflow_jax.model import DenseFlow  # pylint: disable=g-import-not-at-top
-  config = load_config(workdir)
+  config = config_file.load_config(workdir)
   mesh = mesh if mesh is not None else parallel.make_mesh()
   model = DenseFlow(config.model)
   m = config.model

@@ -68,7 +68,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from denseflow_jax import artifacts, checkpoint, parallel
+from denseflow_jax import artifacts, checkpoint, config_file, parallel
 from denseflow_jax.config_check import experiment_problems, plan_model
 from denseflow_jax.data import Data, make_data
 from denseflow_jax.model import DenseFlow
@@ -396,7 +396,7 @@ def _restore_or_init(config, workdir, ckpts, init_fn, tx, data, mesh, abstract) 
                       nonfinite=training['nonfinite'])
   if config.train.init_from:
     source = config.train.init_from
-    diffs = checkpoint.model_differences(checkpoint.load_config(source), config)
+    diffs = config_file.model_differences(config_file.load_config(source), config)
     if diffs:
       raise ValueError(f'train.init_from={source!r} has a different model: {"; ".join(diffs)}')
     from_step, variables = checkpoint.load_variables(source, {
@@ -465,7 +465,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainState:
   """`train_and_evaluate` once the workdir is locked."""
   # Written after the restore: a checkpoint that does not fit the model leaves it untouched.
-  checkpoint.check_and_save_config(config, workdir, write=False)
+  config_file.check_and_save_config(config, workdir, write=False)
   model = DenseFlow(config.model)
   steps_per_epoch = data.steps_per_epoch
   total_steps = num_train_steps(config, steps_per_epoch)
@@ -483,7 +483,7 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
     abstract = _abstract_state(init_fn, data, mesh)
     state = _restore_or_init(config, workdir, ckpts, init_fn, tx, data, mesh, abstract)
     if host0:
-      checkpoint.save_config(config, workdir)
+      config_file.save_config(config, workdir)
     # clu's writers import TensorFlow (for TensorBoard): several seconds, so only when training.
     from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
     writer = metric_writers.create_default_writer(workdir, just_logging=not host0)

@@ -21,7 +21,7 @@ import os
 from absl import flags, logging
 import numpy as np
 
-from denseflow_jax import cli, official  # pylint: disable=g-import-not-at-top,wrong-import-position
+from denseflow_jax import artifacts, cli, official  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', None, 'Published model directory (args.pickle, check/checkpoint.pt).')
@@ -65,7 +65,7 @@ def convert(model_dir: str, workdir: str, step: int = 0, overwrite: bool = False
   n_params = sum(int(np.asarray(e.shape).prod()) for e in
                  official.state_dict_layout(loaded.config.model) if e.collection == 'params')
   source = {'checkpoint': os.path.abspath(loaded.checkpoint_path),
-            'sha256': official.file_sha256(loaded.checkpoint_path),
+            'sha256': artifacts.file_sha256(loaded.checkpoint_path),
             'current_epoch': loaded.current_epoch, 'state_dict_entries': len(state_dict),
             'trainable_parameters': n_params, 'step': step}
   out = official.save_converted(workdir, loaded.config, loaded.variables, loaded.buffers,

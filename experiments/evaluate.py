@@ -53,7 +53,7 @@ def main(argv):
   check_flags()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from denseflow_jax import checkpoint, data, parallel  # pylint: disable=g-import-not-at-top
+  from denseflow_jax import checkpoint, config_file, data, parallel  # pylint: disable=g-import-not-at-top
   from denseflow_jax.config_check import plan_model  # pylint: disable=g-import-not-at-top
   checkpoint.quiet_orbax_logs()
   if _CACHE.value:
@@ -61,7 +61,7 @@ def main(argv):
     enable_compilation_cache()
 
   workdir = _WORKDIR.value
-  config = checkpoint.load_config(workdir)
+  config = config_file.load_config(workdir)
   k = _K.value or int(config.eval.iwbo_k)
   chunk = int(config.eval.iwbo_chunk) if _CHUNK.value < 0 else _CHUNK.value
   chunk = min(chunk, k) if chunk else k
@@ -69,7 +69,7 @@ def main(argv):
   mesh = parallel.make_mesh()
   problems = []
   if k < 1 or batch_size < 1:
-    problems.append(f'k={k} (--k or eval.iwbo_k in {checkpoint.config_path(workdir)}) and '
+    problems.append(f'k={k} (--k or eval.iwbo_k in {config_file.config_path(workdir)}) and '
                     f'batch size {batch_size} must be >= 1')
   elif k % chunk:
     problems.append(f'--k={k} is not divisible by --chunk={chunk}')

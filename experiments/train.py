@@ -39,22 +39,22 @@ def validate(config, workdir: str):
   """All checks that can fail before compiling: model plan, devices, data vs model, workdir,
   the fine-tuning source."""
   import jax  # pylint: disable=g-import-not-at-top
-  from denseflow_jax import checkpoint, data, train  # pylint: disable=g-import-not-at-top
+  from denseflow_jax import checkpoint, config_file, data, train  # pylint: disable=g-import-not-at-top
   cli.check_output_dir('--workdir', workdir)
   train.validate_config(config, jax.device_count())
   data.make_data(config, jax.process_index(), jax.process_count())
-  if os.path.isfile(checkpoint.config_path(workdir)):
-    diffs = checkpoint.model_differences(checkpoint.load_config(workdir), config)
+  if os.path.isfile(config_file.config_path(workdir)):
+    diffs = config_file.model_differences(config_file.load_config(workdir), config)
     if diffs:
-      raise ValueError(f'{checkpoint.config_path(workdir)} holds a run with a different model '
+      raise ValueError(f'{config_file.config_path(workdir)} holds a run with a different model '
                        f'({"; ".join(diffs)}); resume with the saved config or use a new '
                        '--workdir')
   source = config.train.init_from
   if source:
-    if not os.path.isfile(checkpoint.config_path(source)):
-      raise ValueError(f'train.init_from={source!r} has no {checkpoint.CONFIG_FILE} (expected '
+    if not os.path.isfile(config_file.config_path(source)):
+      raise ValueError(f'train.init_from={source!r} has no {config_file.CONFIG_FILE} (expected '
                        'the workdir of a trained run)')
-    diffs = checkpoint.model_differences(checkpoint.load_config(source), config)
+    diffs = config_file.model_differences(config_file.load_config(source), config)
     if diffs:
       raise ValueError(f'train.init_from={source!r} holds another model ({"; ".join(diffs)}); '
                        'fine-tuning needs the same model config')

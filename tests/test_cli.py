@@ -11,7 +11,7 @@ import sys
 from absl import app
 import pytest
 
-from denseflow_jax import checkpoint, cli
+from denseflow_jax import checkpoint, cli, config_file
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL_MODEL = os.path.join(REPO_ROOT, '..', 'shared', 'official_tiny', 'model')
@@ -195,13 +195,13 @@ def test_train_refuses_bad_values_workdir_and_init_from_in_one_line(tmp_path):
   source = tmp_path / 'source'
   config = quickstart_config.get_config()
   config.model.growth_rate = 8
-  checkpoint.save_config(config, str(source))
+  config_file.save_config(config, str(source))
   (source / 'checkpoints' / '5').mkdir(parents=True)
   assert_one_line_error(run_cli(train, f'--config={quickstart}', f'--workdir={workdir}',
                                 f'--config.train.init_from={source}'),
                         f"train.init_from='{source}' holds another model",
                         'model.growth_rate: 8 -> 4')
-  checkpoint.save_config(quickstart_config.get_config(), str(source))
+  config_file.save_config(quickstart_config.get_config(), str(source))
   os.rmdir(source / 'checkpoints' / '5')
   assert_one_line_error(run_cli(train, f'--config={quickstart}', f'--workdir={workdir}',
                                 f'--config.train.init_from={source}'),

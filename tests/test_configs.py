@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from denseflow_jax import checkpoint, defaults, train
+from denseflow_jax import config_file, defaults, train
 from denseflow_jax.config_check import plan_model
 from denseflow_jax.data import make_data
 
@@ -51,7 +51,7 @@ def test_locked_config_sets_declared_data_fields():
 
 def test_the_library_does_not_import_the_top_level_configs():
   code = ('import sys; import denseflow_jax, denseflow_jax.train, denseflow_jax.official, '
-          'denseflow_jax.checkpoint, denseflow_jax.data; '
+          'denseflow_jax.checkpoint, denseflow_jax.config_file, denseflow_jax.data; '
           'print([m for m in sys.modules if m == "configs" or m.startswith("configs.")])')
   env = dict(os.environ, PYTHONPATH=REPO_ROOT)
   out = subprocess.run([sys.executable, '-c', code], cwd=os.path.dirname(REPO_ROOT), env=env,
@@ -164,7 +164,7 @@ def test_cli_override_reaches_validation(tmp_path):
 
 
 def test_cli_refuses_workdir_of_another_model(tmp_path):
-  checkpoint.save_config(load('quickstart'), str(tmp_path))
+  config_file.save_config(load('quickstart'), str(tmp_path))
   result = _train_cli(f'--workdir={tmp_path}', '--config.model.growth_rate=8')
   assert result.returncode == 2
   assert ('holds a run with a different model (model.growth_rate: 4 -> 8); resume with the '

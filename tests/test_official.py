@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from denseflow_jax import official
+from denseflow_jax import checkpoint, config_file, official
+from denseflow_jax.official import reference as official_reference
 from denseflow_jax.bijectors.coupling import bounded_log_scale
 from denseflow_jax.model import DenseFlow
 from denseflow_jax.nets import (ConditionalCouplingNet, ContextNet, DenseAttentionFusion,
@@ -169,8 +170,8 @@ def trace64(loaded, reference):
   ref = reference
   with jax.enable_x64(True):
     v = jax.tree.map(lambda a: np.asarray(a, np.float64), loaded.variables)
-    x = official.reference_images(ref)
-    noise = official.reference_noise(ref)
+    x = official_reference.reference_images(ref)
+    noise = official_reference.reference_noise(ref)
     model = DenseFlow(cfg)
     ll, state = jax.jit(lambda v, x, n: model.apply(
         v, x, noise=n, method=model.log_prob, mutable=['intermediates']))(v, x, noise)
@@ -300,7 +301,7 @@ def test_subnetwork_io_pairs(trace64, reference):
 def test_elbo_draws_agree_with_reference_statistics(loaded, reference, reference_json):
   """32 float32 ELBO draws per image with our rng: means within 4 combined standard errors."""
   draws = 32
-  x = official.reference_images(reference)
+  x = official_reference.reference_images(reference)
   n = x.shape[0]
   model = DenseFlow(loaded.config.model)
   ll = jax.jit(lambda v, x, key: model.apply(v, x, rngs={'noise': key}, method=model.log_prob))(
@@ -367,14 +368,11 @@ def test_converter_writes_a_loadable_workdir(loaded, tmp_path):
   assert (out / 'checkpoints' / '0' / 'batch_stats').is_dir()
   config, variables, buffers = official.load_converted(str(out))
   assert_trees_identical(variables, loaded.variables)
-  try:   # the project's workdir reader (used by evaluate / sample), where present
-    from denseflow_jax import checkpoint as workdir_checkpoint
-  except ImportError:
-    workdir_checkpoint = None
-  if hasattr(workdir_checkpoint, 'load_variables'):
-    step, restored = workdir_checkpoint.load_variables(str(out))
-    assert step == 0
-    assert_trees_identical(jax.tree.map(np.asarray, restored), loaded.variables)
+  # The workdir reader of evaluate / sample reads it the same way.
+  step, restored = checkpoint.load_variables(str(out))
+  assert step == 0
+  assert_trees_identical(jax.tree.map(np.asarray, restored), loaded.variables)
+  assert checkpoint.verify_manifest(str(out / 'checkpoints' / '0'))
   assert set(buffers) == set(loaded.buffers)
   assert tuple(config.model.block_conf) == (2, 2, 1)
   # A second conversion into the same step refuses to overwrite.
@@ -387,6 +385,85 @@ def test_converter_writes_a_loadable_workdir(loaded, tmp_path):
       {'params': jax.random.key(0), 'noise': jax.random.key(1)},
       jnp.zeros((1, 32, 32, 3), jnp.uint8)))
   assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: a.shape, variables)
+
+
+# -------------------------------------------------------------------- converted workdirs
+
+def _tiny_variables(seed):
+  rng = np.random.default_rng(seed)
+  return {'params': {'dense': {'kernel': rng.normal(size=(3, 4)).astype(np.float32),
+                               'bias': rng.normal(size=(4,)).astype(np.float32)}},
+          'batch_stats': {'bn': {'mean': rng.normal(size=(4,)).astype(np.float32)}}}
+
+
+def _listing(root):
+  return sorted(os.path.relpath(os.path.join(d, n), root)
+                for d, dirs, files in os.walk(root) for n in dirs + files)
+
+
+def _damage(step_dir):
+  """Flips a byte of the largest params file (the manifest catches it)."""
+  files = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(step_dir, 'params'))
+           for n in names]
+  victim = max(files, key=os.path.getsize)
+  data = bytearray(open(victim, 'rb').read())
+  data[len(data) // 2] ^= 0xFF
+  open(victim, 'wb').write(bytes(data))
+
+
+def test_load_converted_walks_back_like_any_workdir(tmp_path, caplog):
+  workdir = str(tmp_path / 'converted')
+  config = config_file.config_from_json('{}')
+  first, second = _tiny_variables(0), _tiny_variables(1)
+  buffers = {'x.initialized': np.ones(1, np.float32)}
+  official.save_converted(workdir, config, first, buffers, step=0)
+  official.save_converted(workdir, config, second, buffers, step=1)
+  with pytest.raises(checkpoint.CheckpointError, match='exists; not overwriting'):
+    official.save_converted(workdir, config, second, step=1)
+  _, variables, _ = official.load_converted(workdir)
+  assert_trees_identical(variables, second)
+  # A corrupt newest step: skipped with one warning, the workdir left as it was.
+  _damage(os.path.join(workdir, 'checkpoints', '1'))
+  before = _listing(workdir)
+  _, variables, buffers = official.load_converted(workdir)
+  assert_trees_identical(variables, first)
+  assert set(buffers) == {'x.initialized'}
+  assert f'skipping corrupt checkpoint {workdir}/checkpoints/1 (checksum manifest' in caplog.text
+  assert _listing(workdir) == before
+  # Nothing readable: the same error as for a training workdir.
+  _damage(os.path.join(workdir, 'checkpoints', '0'))
+  with pytest.raises(checkpoint.CheckpointError, match='no readable checkpoint') as converted:
+    official.load_converted(workdir)
+  with pytest.raises(checkpoint.CheckpointError) as direct:
+    checkpoint.load_variables(workdir)
+  assert str(converted.value) == str(direct.value)
+  assert _listing(workdir) == before
+  with pytest.raises(checkpoint.CheckpointError, match='no checkpoint for step 5'):
+    official.load_converted(workdir, step=5)
+
+
+def test_save_converted_writes_config_json_atomically(tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'converted')
+  config = config_file.config_from_json('{}')
+  official.save_converted(workdir, config, _tiny_variables(0), step=0)
+  path = os.path.join(workdir, 'config.json')
+  saved = open(path).read()
+  assert config_file.load_config(workdir).to_json() == config.to_json()
+  calls = []
+  real = config_file.save_config
+  monkeypatch.setattr(config_file, 'save_config',
+                      lambda c, w: (calls.append(w), real(c, w))[1])
+  official.save_converted(workdir, config, _tiny_variables(1), step=1)
+  assert calls == [os.path.abspath(workdir)]   # the writer training uses
+  monkeypatch.undo()
+  # A write that fails half-way leaves the previous config.json whole, and no temporary file.
+  def failing_to_json(self, *args, **kwargs):
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(type(config), 'to_json', failing_to_json)
+  with pytest.raises(OSError, match='No space left'):
+    official.save_converted(workdir, config, _tiny_variables(2), step=2)
+  assert open(path).read() == saved
+  assert sorted(os.listdir(workdir)) == ['checkpoints', 'config.json', 'official']
 
 
 # -------------------------------------------------------------------------------- bad input
@@ -559,12 +636,12 @@ def test_unsupported_architecture_flags_are_named():
 def test_official_noise_mapping():
   eps = np.arange(2 * 12 * 16 * 16, dtype=np.float64).reshape(2, 12, 16, 16)
   eta = np.ones((2, 4, 8, 8))
-  noise = official.official_noise(eps, {'transforms.5.unit1': eta})
+  noise = official_reference.official_noise(eps, {'transforms.5.unit1': eta})
   assert set(noise) == {'dequantization', 'block1_unit1'}
   assert noise['dequantization'][1, 3, 5, 7] == eps[1, 7, 3, 5]
   assert noise['block1_unit1'].shape == (2, 8, 8, 4)
   with pytest.raises(ValueError, match='transforms.4.unit1'):
-    official.official_noise(None, {'transforms.4.unit1': eta})
+    official_reference.official_noise(None, {'transforms.4.unit1': eta})
 
 
 def test_reader_refuses_size_bombs_before_allocating(tmp_path):

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from denseflow_jax import checkpoint
+from denseflow_jax import checkpoint, config_file
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO_ROOT, 'experiments', 'train.py')
@@ -190,12 +190,12 @@ def test_truncated_newest_checkpoint_falls_back_with_warning(reference, tmp_path
   # Read-only loading (evaluate / sample) skips it.
   found, _ = checkpoint.load_variables(workdir)
   assert found == steps[-2]
-  assert f'skipping unreadable checkpoint {newest}' in caplog.text
+  assert f'skipping corrupt checkpoint {newest}' in caplog.text
   # Training restore: warns, moves it aside, returns the previous one.
   from denseflow_jax import parallel, train  # pylint: disable=g-import-not-at-top
   from denseflow_jax.data import make_data  # pylint: disable=g-import-not-at-top
   from denseflow_jax.model import DenseFlow  # pylint: disable=g-import-not-at-top
-  config = checkpoint.load_config(workdir)
+  config = config_file.load_config(workdir)
   mesh = parallel.make_mesh()
   tx = train.make_optimizer(config)
   init_fn = train.make_init_fn(DenseFlow(config.model), tx, config, mesh)
@@ -409,9 +409,9 @@ def test_checksum_manifest_catches_a_flipped_bit_orbax_misses(reference, tmp_pat
     checkpoint.verify_manifest(newest)
   found, _ = checkpoint.load_variables(workdir)
   assert found == steps[-2]
-  assert f'skipping unreadable checkpoint {newest}' in caplog.text
+  assert f'skipping corrupt checkpoint {newest}' in caplog.text
   caplog.clear()
-  config = checkpoint.load_config(workdir)
+  config = config_file.load_config(workdir)
   ckpts = checkpoint.Checkpoints(workdir)
   try:
     step, _ = ckpts.restore_newest_valid(_restore_abstract(config))
@@ -420,7 +420,7 @@ def test_checksum_manifest_catches_a_flipped_bit_orbax_misses(reference, tmp_pat
   assert step == steps[-2]
   warnings = [r for r in caplog.records if r.levelname == 'WARNING' and newest in r.getMessage()]
   assert len(warnings) == 1, [r.getMessage() for r in warnings]
-  assert 'is corrupt (checksum manifest: params/ocdbt.process_0/d/' in warnings[0].getMessage()
+  assert f'{newest} (checksum manifest: params/ocdbt.process_0/d/' in warnings[0].getMessage()
   assert 'falling back to the previous one' in warnings[0].getMessage()
   assert not os.path.exists(newest)
   # A file of a checkpoint shorter than the manifest says is corruption too.
@@ -438,7 +438,7 @@ def test_model_mismatch_and_permission_errors_stop_and_touch_nothing(reference, 
   shutil.copytree(reference[0], workdir)
   os.remove(os.path.join(workdir, 'config.json'))  # the saved config cannot help
   before = [p for p in _tree_listing(workdir) if p != 'train.lock']
-  config = checkpoint.config_from_json(open(os.path.join(reference[0], 'config.json')).read())
+  config = config_file.config_from_json(open(os.path.join(reference[0], 'config.json')).read())
   config.model.growth_rate = 4
   newest = os.path.join(workdir, 'checkpoints', str(_checkpoint_steps(workdir)[-1]))
   with pytest.raises(checkpoint.CheckpointMismatchError,
@@ -480,7 +480,7 @@ def test_model_mismatch_and_permission_errors_stop_and_touch_nothing(reference, 
 QUIET_LOAD = '''
 import sys
 from absl import logging
-from denseflow_jax import checkpoint
+from denseflow_jax import checkpoint, config_file
 checkpoint.quiet_orbax_logs()
 print('loaded step', checkpoint.load_model(sys.argv[1])[2])  # with the model's structure
 '''
@@ -508,5 +508,5 @@ def test_a_bad_checkpoint_costs_a_few_log_lines(reference, env, tmp_path):
   assert 'Event loop is closed' not in result.stderr
   assert len(lines) == 2, lines  # one warning per bad checkpoint
   for step, line in zip(reversed(steps[-2:]), lines):
-    assert f'skipping unreadable checkpoint {workdir}/checkpoints/{step} (' in line
+    assert f'skipping corrupt checkpoint {workdir}/checkpoints/{step} (' in line
     assert len(line) < 600

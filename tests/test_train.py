@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from configs import quickstart
-from denseflow_jax import artifacts, checkpoint, parallel, train
+from denseflow_jax import artifacts, checkpoint, config_file, parallel, train
 from denseflow_jax.data import make_data
 from denseflow_jax.nets.layers import BatchNorm
 
@@ -187,19 +187,19 @@ def test_validate_config_messages():
 
 def test_saved_config_conflict_is_refused(tmp_path, caplog):
   workdir = str(tmp_path)
-  checkpoint.check_and_save_config(micro_config(), workdir)
+  config_file.check_and_save_config(micro_config(), workdir)
   saved = json.load(open(os.path.join(workdir, 'config.json')))
   assert saved['model']['block_conf'] == [2]
   other = micro_config()
   other.model.growth_rate = 4
   with pytest.raises(ValueError, match=r'different model \(model.growth_rate: 2 -> 4\)'):
-    checkpoint.check_and_save_config(other, workdir)
+    config_file.check_and_save_config(other, workdir)
   longer = micro_config(num_steps=50)
   longer.model.remat = True  # implementation-only field: allowed
-  checkpoint.check_and_save_config(longer, workdir)
+  config_file.check_and_save_config(longer, workdir)
   assert 'train.num_steps: 8 -> 50' in caplog.text
-  assert checkpoint.load_config(workdir).train.num_steps == 50
-  assert checkpoint.load_config(workdir).model.block_conf == (2,)
+  assert config_file.load_config(workdir).train.num_steps == 50
+  assert config_file.load_config(workdir).model.block_conf == (2,)
 
 
 # ----------------------------------------------------------------------------- artifacts
