@@ -12,7 +12,7 @@ import json
 import os
 import time
 
-from absl import flags, logging
+from absl import flags
 
 from denseflow_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
