@@ -98,10 +98,10 @@ class LoopEvaluator:
       images = parallel.to_host(self.sampler.sample(variables, key, config.eval.num_samples,
                                                     config.eval.temperature))
       if self.host0:
-        grid = artifacts.image_grid(images, config.model.num_bits)
-        artifacts.save_png(os.path.join(self.workdir, artifacts.SAMPLES_DIR, f'step_{step}.png'),
-                           grid)
-        self.writer.write_images(step, {'samples': grid[None]})
+        path = os.path.join(self.workdir, artifacts.SAMPLES_DIR, f'step_{step}.png')
+        artifacts.save_sample_grid(path, images, config.model.num_bits)
+        self.writer.write_images(step, {'samples': artifacts.image_grid(
+            images, config.model.num_bits)[None]})
     if self.host0:
       self.writer.flush()  # the metrics file is complete before the curve is drawn from it
       artifacts.plot_bpd_curve(self.workdir)
