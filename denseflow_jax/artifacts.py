@@ -1,6 +1,7 @@
 """Workdir artifacts written by process 0: metrics history, sample grids, the bpd curve.
 
-  <workdir>/metrics.jsonl          one JSON object per logged step: {"step": s, "<name>": v}
+  <workdir>/metrics.jsonl          one JSON object per scalar write: {"step": s, "<name>": v}
+                                   (written by `metric_writer.JsonlWriter`, read here)
   <workdir>/samples/step_<s>.png   sample grid at each evaluation
   <workdir>/bpd_curve.png          train and test bits/dim against the step
 """
@@ -91,14 +92,6 @@ def enlarge(image: np.ndarray, min_long_side: int = 256) -> np.ndarray:
 def save_sample_grid(path: str, images: np.ndarray, num_bits: int, columns: int = 0) -> None:
   """Integer samples (N, H, W, C) -> PNG grid at `path`, enlarged to >= 256 px (`enlarge`)."""
   save_png(path, enlarge(image_grid(images, num_bits, columns)))
-
-
-def append_metrics(workdir: str, step: int, metrics: Dict[str, float]) -> None:
-  """Appends {"step": step, **metrics} to `<workdir>/metrics.jsonl`."""
-  row = {'step': int(step)}
-  row.update({k: float(v) for k, v in metrics.items()})
-  with open(os.path.join(workdir, METRICS_FILE), 'a') as f:
-    f.write(json.dumps(row) + '\n')
 
 
 def read_metrics(workdir: str) -> List[Dict[str, float]]:

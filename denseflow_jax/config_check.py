@@ -1,8 +1,14 @@
-"""Model-config validation and shape planning, done before anything is compiled."""
+"""Config validation and shape planning, done before anything is loaded or compiled.
+
+`plan_model` checks a model config and derives every shape; `experiment_problems` lists bad
+train / eval / data values; `validate_config` runs both plus the checks against the device
+count and the fine-tuning source directory (what `train.train_and_evaluate` runs first).
+"""
 import dataclasses
 import math
 import numbers
-from typing import Any, List, Tuple
+import os
+from typing import Any, List, Optional, Tuple
 
 import ml_collections
 
@@ -194,3 +200,54 @@ def experiment_problems(config: ml_collections.ConfigDict) -> List[str]:
   real('eval', e, 'temperature', 0.0, math.inf, False, open_low=True)
   real('data', d, 'translate', 0.0, 0.5, False)
   return problems
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
+  """Checks the config before anything is loaded or compiled; ValueError listing problems.
+
+  `num_devices` defaults to `jax.device_count()`. Data-dependent checks (dataset shape vs
+  model, batch vs dataset size) are in `data.make_data`.
+  """
+  if num_devices is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    num_devices = jax.device_count()
+  from denseflow_jax.checkpoint import CHECKPOINT_DIR  # pylint: disable=g-import-not-at-top
+  plan_model(config.model)
+  t, e = config.train, config.eval
+  problems = experiment_problems(config)  # types and ranges; divisibility below
+  if problems:
+    raise ValueError('invalid config: ' + '; '.join(problems))
+  if t.batch_size % num_devices:
+    problems.append(f'train.batch_size={t.batch_size} is not divisible by the device count '
+                    f'{num_devices}')
+  if e.batch_size % num_devices:
+    problems.append(f'eval.batch_size={e.batch_size} is not divisible by the device count '
+                    f'{num_devices}')
+  if e.num_samples % num_devices:
+    problems.append(f'eval.num_samples={e.num_samples} is not divisible by the device count '
+                    f'{num_devices} (0 disables samples)')
+  if e.iwbo_k < 1 or e.iwbo_chunk < 0 or (e.iwbo_chunk and e.iwbo_k % e.iwbo_chunk):
+    problems.append(f'eval.iwbo_k={e.iwbo_k} must be >= 1 and divisible by eval.iwbo_chunk='
+                    f'{e.iwbo_chunk}')
+  if t.num_steps <= 0 and t.num_epochs <= 0:
+    problems.append(f'train.num_steps={t.num_steps} and train.num_epochs={t.num_epochs}: one '
+                    'must be positive')
+  if not t.lr > 0 or t.warmup_steps < 0 or not 0 < t.decay_rate <= 1:
+    problems.append(f'train.lr={t.lr} must be > 0, warmup_steps={t.warmup_steps} >= 0, '
+                    f'decay_rate={t.decay_rate} in (0, 1]')
+  if t.grad_clip_norm < 0:
+    problems.append(f'train.grad_clip_norm={t.grad_clip_norm} must be >= 0 (0 = off)')
+  for name in ('log_every', 'max_consecutive_nonfinite', 'keep_checkpoints'):
+    if t[name] < 1:
+      problems.append(f'train.{name}={t[name]} must be >= 1')
+  for name in ('checkpoint_every', 'eval_every'):
+    if t[name] < 0:
+      problems.append(f'train.{name}={t[name]} must be >= 0 (0 = only at the end / never)')
+  if t.init_from is None:
+    problems.append('train.init_from must be set for fine-tuning '
+                    '(--config.train.init_from=WORKDIR_OF_THE_TRAINED_RUN)')
+  elif t.init_from and not os.path.isdir(os.path.join(t.init_from, CHECKPOINT_DIR)):
+    problems.append(f'train.init_from={t.init_from!r} has no {CHECKPOINT_DIR}/ '
+                    'directory (expected the workdir of a trained run)')
+  if problems:
+    raise ValueError('invalid config: ' + '; '.join(problems))

@@ -1,10 +1,14 @@
-"""Training: state, optimizer and schedule, the jitted steps and the loop (`train_and_evaluate`).
+"""Training: the train state, its init, the jitted train step and the loop (`train_and_evaluate`).
+
+The optimizer and learning-rate schedule are in `optim.py`, the evaluation at `eval_every`
+steps in `evaluation.py`, the config checks run first in `config_check.py`, the metrics
+writer in `metric_writer.py`.
 
 Workdir layout (see `checkpoint.py` and `artifacts.py`):
 
   <workdir>/config.json               full config of the run (a different model is refused)
   <workdir>/checkpoints/<step>/       orbax items params/, batch_stats/, training/
-  <workdir>/metrics.jsonl             train/test metrics per logged step (process 0)
+  <workdir>/metrics.jsonl             every scalar written: train/test metrics, steps/s (process 0)
   <workdir>/samples/step_<s>.png      sample grid at every evaluation (process 0)
   <workdir>/bpd_curve.png             train and test bits/dim against the step (process 0)
   <workdir>/events.out.tfevents.*     TensorBoard scalars and sample images (clu writers)
@@ -17,13 +21,8 @@ Semantics:
   s is `fold_in(state.rng, s)`; the batch of step s is `Data.train_batches(start_step=s)`'s
   first element. A run resumed from the checkpoint of step k therefore repeats exactly what
   an uninterrupted run does from step k on (bitwise on the same hardware and program).
-- Learning rate (`learning_rate_schedule`): linear warm-up from 0 at step 0 to `lr` at step
-  `warmup_steps`, then `lr * decay_rate ** floor((step - warmup_steps) / steps_per_epoch)`:
-  the once-per-epoch staircase counts epochs from the *end* of the warm-up, so the peak is
-  reached exactly and held for one epoch. `decay_rate = 1.0` is the public code's behaviour.
-  The rate is a function of the global step (set into the optimizer state each step), so a
-  skipped update does not shift the schedule.
-- Optimizer: optional `clip_by_global_norm(grad_clip_norm)` then `adamax(lr, b1, b2)`.
+- Learning rate and optimizer: `optim.py` (warm-up, per-epoch staircase, clipped Adamax; the
+  rate is a function of the global step, so a skipped update does not shift the schedule).
 - Non-finite loss or gradient: the update is skipped inside the jitted step (params,
   optimizer state and BatchNorm statistics keep their values, the step counter advances to the
   next batch); `max_consecutive_nonfinite` skips in a row stop training with
@@ -51,11 +50,9 @@ Semantics:
   steps (send the signal to all of them).
 """
 import dataclasses
-import math
 import os
 import signal
 import threading
-import time
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from absl import logging
@@ -68,13 +65,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from denseflow_jax import artifacts, checkpoint, config_file, parallel
-from denseflow_jax.config_check import experiment_problems, plan_model
+from denseflow_jax import checkpoint, config_file, evaluation, parallel
+from denseflow_jax.config_check import validate_config
 from denseflow_jax.data import Data, make_data
+from denseflow_jax.evaluation import INIT_TAG, TRAIN_TAG, run_key
 from denseflow_jax.model import DenseFlow
+from denseflow_jax.optim import (learning_rate_schedule, make_optimizer, num_train_steps,
+                                 with_learning_rate)
 
 PyTree = Any
-_INIT_TAG, _TRAIN_TAG, _EVAL_TAG, _SAMPLE_TAG = 0, 1, 2, 3
 
 
 class NonFiniteError(RuntimeError):
@@ -105,108 +104,7 @@ class TrainState(flax.struct.PyTreeNode):
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
-# ----------------------------------------------------------------------------- schedule
-
-
-def num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  """`train.num_steps` if > 0, else `train.num_epochs * steps_per_epoch`."""
-  if config.train.num_steps > 0:
-    return int(config.train.num_steps)
-  return int(math.ceil(config.train.num_epochs * steps_per_epoch))
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> optax.Schedule:
-  """Linear warm-up 0 -> lr over `warmup_steps`, then a per-epoch exponential staircase.
-
-  lr(s) = lr * s / warmup for s < warmup; lr * decay_rate ** floor((s - warmup) / spe) after
-  (spe = steps per epoch; epochs are counted from the end of the warm-up).
-  """
-  t = config.train
-  decay = optax.exponential_decay(float(t.lr), transition_steps=max(1, int(steps_per_epoch)),
-                                  decay_rate=float(t.decay_rate), staircase=True)
-  warmup = int(t.warmup_steps)
-  if warmup <= 0:
-    return decay
-  ramp = optax.linear_schedule(0.0, float(t.lr), warmup)
-  return optax.join_schedules([ramp, decay], [warmup])
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """[clip_by_global_norm] + adamax(b1, b2); the learning rate is injected each step."""
-  t = config.train
-
-  def optimizer(learning_rate):
-    parts = []
-    if t.grad_clip_norm > 0:
-      parts.append(optax.clip_by_global_norm(float(t.grad_clip_norm)))
-    parts.append(optax.adamax(learning_rate, b1=float(t.b1), b2=float(t.b2)))
-    return optax.chain(*parts)
-
-  return optax.inject_hyperparams(optimizer)(learning_rate=float(t.lr))
-
-
-def _with_learning_rate(opt_state: PyTree, lr: jax.Array) -> PyTree:
-  hyper = dict(opt_state.hyperparams)
-  hyper['learning_rate'] = jnp.asarray(lr, jnp.asarray(hyper['learning_rate']).dtype)
-  return opt_state._replace(hyperparams=hyper)
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
-  """Checks the config before anything is loaded or compiled; ValueError listing problems.
-
-  Data-dependent checks (dataset shape vs model, batch vs dataset size) are in `make_data`.
-  """
-  num_devices = num_devices or jax.device_count()
-  plan_model(config.model)
-  t, e = config.train, config.eval
-  problems = experiment_problems(config)  # types and ranges; divisibility below
-  if problems:
-    raise ValueError('invalid config: ' + '; '.join(problems))
-  if t.batch_size % num_devices:
-    problems.append(f'train.batch_size={t.batch_size} is not divisible by the device count '
-                    f'{num_devices}')
-  if e.batch_size % num_devices:
-    problems.append(f'eval.batch_size={e.batch_size} is not divisible by the device count '
-                    f'{num_devices}')
-  if e.num_samples % num_devices:
-    problems.append(f'eval.num_samples={e.num_samples} is not divisible by the device count '
-                    f'{num_devices} (0 disables samples)')
-  if e.iwbo_k < 1 or e.iwbo_chunk < 0 or (e.iwbo_chunk and e.iwbo_k % e.iwbo_chunk):
-    problems.append(f'eval.iwbo_k={e.iwbo_k} must be >= 1 and divisible by eval.iwbo_chunk='
-                    f'{e.iwbo_chunk}')
-  if t.num_steps <= 0 and t.num_epochs <= 0:
-    problems.append(f'train.num_steps={t.num_steps} and train.num_epochs={t.num_epochs}: one '
-                    'must be positive')
-  if not t.lr > 0 or t.warmup_steps < 0 or not 0 < t.decay_rate <= 1:
-    problems.append(f'train.lr={t.lr} must be > 0, warmup_steps={t.warmup_steps} >= 0, '
-                    f'decay_rate={t.decay_rate} in (0, 1]')
-  if t.grad_clip_norm < 0:
-    problems.append(f'train.grad_clip_norm={t.grad_clip_norm} must be >= 0 (0 = off)')
-  for name in ('log_every', 'max_consecutive_nonfinite', 'keep_checkpoints'):
-    if t[name] < 1:
-      problems.append(f'train.{name}={t[name]} must be >= 1')
-  for name in ('checkpoint_every', 'eval_every'):
-    if t[name] < 0:
-      problems.append(f'train.{name}={t[name]} must be >= 0 (0 = only at the end / never)')
-  if t.init_from is None:
-    problems.append('train.init_from must be set for fine-tuning '
-                    '(--config.train.init_from=WORKDIR_OF_THE_TRAINED_RUN)')
-  elif t.init_from and not os.path.isdir(os.path.join(t.init_from, checkpoint.CHECKPOINT_DIR)):
-    problems.append(f'train.init_from={t.init_from!r} has no {checkpoint.CHECKPOINT_DIR}/ '
-                    'directory (expected the workdir of a trained run)')
-  if problems:
-    raise ValueError('invalid config: ' + '; '.join(problems))
-
-
 # ----------------------------------------------------------------------------- steps
-
-
-def _base_key(config: ml_collections.ConfigDict, tag: int) -> jax.Array:
-  return jax.random.fold_in(jax.random.PRNGKey(int(config.train.seed)), tag)
 
 
 def make_init_fn(model: DenseFlow, tx: optax.GradientTransformation,
@@ -218,12 +116,12 @@ def make_init_fn(model: DenseFlow, tx: optax.GradientTransformation,
   rep, bat = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
 
   def init(batch):
-    params_key, noise_key = jax.random.split(_base_key(config, _INIT_TAG))
+    params_key, noise_key = jax.random.split(run_key(config, INIT_TAG))
     variables = model.init({'params': params_key, 'noise': noise_key}, batch)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                      rng=_base_key(config, _TRAIN_TAG), nonfinite=jnp.zeros((), jnp.int32))
+                      rng=run_key(config, TRAIN_TAG), nonfinite=jnp.zeros((), jnp.int32))
 
   jitted = jax.jit(init, in_shardings=(bat,), out_shardings=rep)
 
@@ -266,7 +164,7 @@ def make_train_step(model: DenseFlow, tx: optax.GradientTransformation, schedule
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     lr = schedule(state.step)
-    opt_state = _with_learning_rate(state.opt_state, lr)
+    opt_state = with_learning_rate(state.opt_state, lr)
     updates, new_opt_state = tx.update(grads, opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -280,36 +178,6 @@ def make_train_step(model: DenseFlow, tx: optax.GradientTransformation, schedule
     return new_state, metrics
 
   return jax.jit(step_fn, in_shardings=(rep, bat), out_shardings=(rep, rep), donate_argnums=(0,))
-
-
-def make_eval_step(model: DenseFlow, config: ml_collections.ConfigDict, mesh):
-  """Jitted `(variables, images, mask, batch_index) -> (sum of masked bpd, count)`, replicated.
-
-  ELBO bits/dim with one noise draw per example; the noise of eval batch i is fixed
-  (`fold_in(eval key, i)`) so evaluations at different steps see the same draws.
-  """
-  rep, bat = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
-  eval_key = _base_key(config, _EVAL_TAG)
-
-  def eval_fn(variables, images, mask, batch_index):
-    bpd = model.apply(variables, images, rngs={'noise': jax.random.fold_in(eval_key, batch_index)},
-                      method='bits_per_dim')
-    weight = mask.astype(bpd.dtype)
-    return jnp.sum(bpd * weight), jnp.sum(weight)
-
-  return jax.jit(eval_fn, in_shardings=(rep, bat, bat, rep), out_shardings=rep)
-
-
-def evaluate_bpd(eval_step, variables: Dict[str, PyTree], data: Data, mesh,
-                 max_examples: int = 0) -> float:
-  """Mean test ELBO bits/dim over the (first `max_examples` of the) test split."""
-  total, count = 0.0, 0.0
-  for i, batch in enumerate(data.eval_batches(max_examples)):
-    images, mask = parallel.shard_batch((batch.images, batch.mask), mesh)
-    s, n = eval_step(variables, images, mask, parallel.replicate(np.int32(i), mesh))
-    s, n = parallel.to_host((s, n))
-    total, count = total + float(s), count + float(n)
-  return total / max(count, 1.0)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -395,10 +263,7 @@ def _restore_or_init(config, workdir, ckpts, init_fn, tx, data, mesh, abstract) 
                       opt_state=training['opt_state'], rng=training['rng'],
                       nonfinite=training['nonfinite'])
   if config.train.init_from:
-    source = config.train.init_from
-    diffs = config_file.model_differences(config_file.load_config(source), config)
-    if diffs:
-      raise ValueError(f'train.init_from={source!r} has a different model: {"; ".join(diffs)}')
+    source = config.train.init_from  # checked by `_check_init_from`
     from_step, variables = checkpoint.load_variables(source, {
         'params': abstract.params, 'batch_stats': abstract.batch_stats})
     logging.info('fine-tuning from %s (checkpoint %d)', source, from_step)
@@ -406,7 +271,7 @@ def _restore_or_init(config, workdir, ckpts, init_fn, tx, data, mesh, abstract) 
     return TrainState(step=parallel.replicate(np.int32(0), mesh), params=variables['params'],
                       batch_stats=variables['batch_stats'],
                       opt_state=init_opt(variables['params']),
-                      rng=parallel.replicate(np.asarray(_base_key(config, _TRAIN_TAG)), mesh),
+                      rng=parallel.replicate(np.asarray(run_key(config, TRAIN_TAG)), mesh),
                       nonfinite=parallel.replicate(np.int32(0), mesh))
   first = parallel.shard_batch(next(iter(data.train_batches(0))), mesh)
   logging.info('initialising from scratch (ActNorm data-dependent init on the first batch)')
@@ -440,7 +305,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        nonfinite_steps: Sequence[int] = ()) -> TrainState:
   """Trains (or resumes) in `workdir` and evaluates periodically; returns the final state.
 
-  Uses every visible device (all hosts) with the batch sharded over them. Raises
+  Uses every visible device (all hosts) with the batch sharded over them. Raises ValueError
+  for an invalid config, data or fine-tuning source before anything is created or compiled
+  (`config_check.validate_config`, `data.make_data`, `_check_init_from`) and for a workdir
+  whose config.json holds another model (before anything is written there);
   `NonFiniteError` after `max_consecutive_nonfinite` skipped steps in a row and
   `TrainingInterrupted` after saving on SIGINT/SIGTERM; `checkpoint.CheckpointError`
   subclasses (`WorkdirLockedError`, `CheckpointWriteError`, `CheckpointMismatchError`,
@@ -451,7 +319,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validate_config(config)
   host0 = jax.process_index() == 0
   mesh = parallel.make_mesh()
-  data = make_data(config, jax.process_index(), jax.process_count())
+  try:
+    data = make_data(config, jax.process_index(), jax.process_count())
+  except RuntimeError as e:  # a TFDS dataset in a format without random access
+    raise ValueError(str(e)) from e
+  _check_init_from(config)
   if host0:
     os.makedirs(workdir, exist_ok=True)
   lock = _lock_workdir(workdir, host0)
@@ -460,6 +332,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finally:
     if lock is not None:
       lock.release()
+
+
+def _check_init_from(config: ml_collections.ConfigDict) -> None:
+  """The fine-tuning source is a trained run of the same model with a checkpoint (ValueError).
+
+  Runs before the workdir is created; `validate_config` has checked the checkpoints/ directory.
+  """
+  source = config.train.init_from
+  if not source:
+    return
+  if not os.path.isfile(config_file.config_path(source)):
+    raise ValueError(f'train.init_from={source!r} has no {config_file.CONFIG_FILE} (expected '
+                     'the workdir of a trained run)')
+  diffs = config_file.model_differences(config_file.load_config(source), config)
+  if diffs:
+    raise ValueError(f'train.init_from={source!r} holds another model ({"; ".join(diffs)}); '
+                     'fine-tuning needs the same model config')
+  directory = checkpoint.checkpoint_dir(source)
+  if not any(n.isdigit() for n in os.listdir(directory)):
+    raise ValueError(f'train.init_from={source!r}: {directory} holds no checkpoint')
 
 
 def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainState:
@@ -473,8 +365,6 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
   tx = make_optimizer(config)
   init_fn = make_init_fn(model, tx, config, mesh)
   train_step = make_train_step(model, tx, schedule, mesh, nonfinite_steps)
-  eval_step = make_eval_step(model, config, mesh) if data.test is not None else None
-  sampler = parallel.ShardedModel(model, mesh)
   t = config.train
 
   ckpts = checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints)
@@ -485,45 +375,24 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
     if host0:
       config_file.save_config(config, workdir)
     # clu's writers import TensorFlow (for TensorBoard): several seconds, so only when training.
-    from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
-    writer = metric_writers.create_default_writer(workdir, just_logging=not host0)
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+    from denseflow_jax import metric_writer  # pylint: disable=g-import-not-at-top
+    writer = metric_writer.create_writer(workdir, host0)
     start = int(parallel.to_host(state.step))
     logging.info('%d devices, %d processes; global batch %d; %d steps/epoch; steps %d -> %d',
                  jax.device_count(), jax.process_count(), data.global_batch_size,
                  steps_per_epoch, start, total_steps)
     if host0:
       parameter_overview.log_parameter_overview(parallel.to_host(state.params))
-      writer.write_hparams({k: v for k, v in _flat_hparams(config).items()})
+      writer.write_hparams(config.to_dict())  # clu flattens it ('model.block_conf.0', ...)
 
-    def run_eval(step: int) -> None:
-      if eval_step is None:
-        return
-      t0 = time.time()
-      bpd = evaluate_bpd(eval_step, state.variables(), data, mesh, config.eval.max_examples)
-      logging.info('step %d: test bpd %.4f (%.1fs)', step, bpd, time.time() - t0)
-      scalars = {'test_bpd': bpd}
-      if host0:
-        writer.write_scalars(step, scalars)
-        artifacts.append_metrics(workdir, step, scalars)
-      if config.eval.num_samples > 0:
-        key = parallel.replicate(np.asarray(jax.random.fold_in(_base_key(config, _SAMPLE_TAG),
-                                                               step)), mesh)
-        images = parallel.to_host(sampler.sample(state.variables(), key, config.eval.num_samples,
-                                                 config.eval.temperature))
-        if host0:
-          path = os.path.join(workdir, artifacts.SAMPLES_DIR, f'step_{step}.png')
-          artifacts.save_sample_grid(path, images, config.model.num_bits)
-          writer.write_images(step, {'samples': artifacts.image_grid(
-              images, config.model.num_bits)[None]})
-      if host0:
-        artifacts.plot_bpd_curve(workdir)
-        writer.flush()
+    evaluate = evaluation.LoopEvaluator(model, config, data, mesh, workdir, writer, host0)
 
     if start >= total_steps:
       logging.info('%s already holds the final checkpoint (step %d): nothing to train', workdir,
                    start)
     if start == 0 and config.eval.get('at_start', False):
-      run_eval(0)
+      evaluate(0, state.variables())
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=t.log_every, every_secs=None)
     batches = iter(data.train_batches(start))
@@ -546,7 +415,6 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
           scalars['epoch'] = done / steps_per_epoch
           if host0:
             writer.write_scalars(done, scalars)
-            artifacts.append_metrics(workdir, done, scalars)
           window = _Window()
         if metrics['finite']:
           last_finite, finite_saved = done, None
@@ -581,7 +449,7 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
             finite_saved = done
         if (t.eval_every and done % t.eval_every == 0) or (
             done == total_steps and t.eval_every):
-          run_eval(done)
+          evaluate(done, state.variables())
         if _should_stop(stop, done, t.log_every):
           _save(ckpts, state)
           ckpts.wait()
@@ -611,14 +479,3 @@ def _should_stop(stop: _StopSignal, done: int, every: int) -> bool:
   flags = multihost_utils.process_allgather(np.int32(stop.received is not None))
   return bool(np.any(flags))
 
-
-def _flat_hparams(config: ml_collections.ConfigDict, prefix: str = '') -> Dict[str, Any]:
-  out = {}
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(_flat_hparams(value, f'{prefix}{key}.'))
-    elif isinstance(value, (int, float, str, bool)):
-      out[prefix + key] = value
-    else:
-      out[prefix + key] = str(value)
-  return out

@@ -3,16 +3,16 @@ r"""Test bits/dim of a trained model by the importance-weighted bound (IWBO).
 `python experiments/evaluate.py --workdir DIR --k 1000 --chunk 50`
 
 log p(x) >= logsumexp_i log p(x, noise_i) - log k over k draws of the dequantization and
-cross-unit noise, evaluated `chunk` draws at a time. Prints and writes (JSON, default
-`DIR/eval_iwbo_k<k>.json`) the mean test bits/dim and its standard error over examples.
+cross-unit noise, evaluated `chunk` draws at a time (`denseflow_jax.evaluation.iwbo_bpd`).
+Prints and writes (JSON, default `DIR/eval_iwbo_k<k>.json`) the mean test bits/dim and its
+standard error over examples.
 Works with training workdirs and with converted checkpoints (config.json + params).
 """
 import json
-import math
 import os
 import time
 
-from absl import flags, logging
+from absl import flags
 
 from denseflow_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -52,9 +52,9 @@ def main(argv):
   del argv  # checked by cli.run
   check_flags()
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from denseflow_jax import checkpoint, config_file, data, parallel  # pylint: disable=g-import-not-at-top
-  from denseflow_jax.config_check import plan_model  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from denseflow_jax import checkpoint, config_file, data, evaluation, parallel
+  # pylint: enable=g-import-not-at-top
   checkpoint.quiet_orbax_logs()
   if _CACHE.value:
     from denseflow_jax.model import enable_compilation_cache  # pylint: disable=g-import-not-at-top
@@ -94,27 +94,16 @@ def main(argv):
 
   _, model, step, variables = checkpoint.load_model(
       workdir, mesh, None if _STEP.value < 0 else _STEP.value)
-  sharded = parallel.ShardedModel(model, mesh)
-  num_dims = plan_model(config.model).num_dims
-  base_key = jax.random.PRNGKey(_SEED.value)
-  values = []
   start = time.time()
-  for i, batch in enumerate(dataset.eval_batches(_MAX.value, batch_size)):
-    key = parallel.replicate(np.asarray(jax.random.fold_in(base_key, i)), mesh)
-    lower = sharded.iwbo(variables, batch.images, key, k, chunk)
-    mask = parallel.to_host(parallel.shard_batch(batch.mask, mesh))
-    lower = parallel.to_host(lower)
-    values.append(lower[mask])
-    logging.info('batch %d: %d images, running bpd %.4f', i, int(mask.sum()),
-                 -np.mean(np.concatenate(values)) / (num_dims * math.log(2.0)))
-  bpd = -np.concatenate(values).astype(np.float64) / (num_dims * math.log(2.0))
-  n = len(bpd)
+  iwbo = evaluation.iwbo_bpd(model, variables, dataset, mesh, k, chunk, seed=_SEED.value,
+                             max_examples=_MAX.value, batch_size=batch_size)
+  n = iwbo.num_examples
   result = {
       'workdir': os.path.abspath(workdir), 'step': int(step), 'dataset': config.data.dataset,
       'split': dataset.test.split, 'num_examples': n, 'k': k, 'chunk': chunk,
-      'batch_size': batch_size, 'seed': _SEED.value, 'bpd_mean': float(bpd.mean()),
-      'bpd_stderr': float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else float('nan'),
-      'num_devices': int(mesh.devices.size), 'wall_s': time.time() - start}
+      'batch_size': batch_size, 'seed': _SEED.value, 'bpd_mean': iwbo.mean,
+      'bpd_stderr': iwbo.stderr, 'num_devices': int(mesh.devices.size),
+      'wall_s': time.time() - start}
   print(f"test bpd (IWBO, k={k}): {result['bpd_mean']:.4f} +- {result['bpd_stderr']:.4f} "
         f"(standard error, {n} images, step {step})")
   if jax.process_index() == 0:

@@ -11,7 +11,6 @@ Open MPI, `--auto_distributed` lets jax.distributed detect them.
 Exit status: 0 done, 2 invalid config, data or workdir (one line `error: ...` on stderr),
 3 stopped on non-finite losses, 130 stopped by SIGINT/SIGTERM after saving a checkpoint.
 """
-import os
 import sys
 
 from absl import flags, logging
@@ -35,34 +34,6 @@ _CACHE = flags.DEFINE_bool('compilation_cache', True, 'Use the persistent XLA co
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def validate(config, workdir: str):
-  """All checks that can fail before compiling: model plan, devices, data vs model, workdir,
-  the fine-tuning source."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from denseflow_jax import checkpoint, config_file, data, train  # pylint: disable=g-import-not-at-top
-  cli.check_output_dir('--workdir', workdir)
-  train.validate_config(config, jax.device_count())
-  data.make_data(config, jax.process_index(), jax.process_count())
-  if os.path.isfile(config_file.config_path(workdir)):
-    diffs = config_file.model_differences(config_file.load_config(workdir), config)
-    if diffs:
-      raise ValueError(f'{config_file.config_path(workdir)} holds a run with a different model '
-                       f'({"; ".join(diffs)}); resume with the saved config or use a new '
-                       '--workdir')
-  source = config.train.init_from
-  if source:
-    if not os.path.isfile(config_file.config_path(source)):
-      raise ValueError(f'train.init_from={source!r} has no {config_file.CONFIG_FILE} (expected '
-                       'the workdir of a trained run)')
-    diffs = config_file.model_differences(config_file.load_config(source), config)
-    if diffs:
-      raise ValueError(f'train.init_from={source!r} holds another model ({"; ".join(diffs)}); '
-                       'fine-tuning needs the same model config')
-    directory = checkpoint.checkpoint_dir(source)
-    if not any(n.isdigit() for n in os.listdir(directory)):
-      raise ValueError(f'train.init_from={source!r}: {directory} holds no checkpoint')
-
-
 def main(argv):
   del argv  # checked by cli.run
   try:
@@ -80,11 +51,10 @@ def main(argv):
     from denseflow_jax.model import enable_compilation_cache  # pylint: disable=g-import-not-at-top
     logging.info('persistent compilation cache: %s', enable_compilation_cache())
   from denseflow_jax import train  # pylint: disable=g-import-not-at-top
+  cli.check_output_dir('--workdir', workdir)
   try:
-    validate(config, workdir)
-  except RuntimeError as e:
-    cli.fail(cli.one_line(e))
-  try:
+    # Checks the config, the data, the workdir and init_from before compiling; its ValueErrors
+    # end as one line with status 2 (cli.run).
     train.train_and_evaluate(config, workdir)
   except train.NonFiniteError as e:
     logging.error('%s', e)

@@ -60,6 +60,7 @@ def test_ablation_script_end_to_end(tmp_path):
     assert run['status'] == 'done', key
     assert np.isfinite(run['test_bpd']) and run['all_finite'], key
     assert run['steps'] == 3 and run['params'] > 0 and run['test_examples'] == 6, key
+    assert run['step_s'] > 0, key  # from the steps_per_sec rows of the run's metrics.jsonl
   rows = {r['variant']: r for r in results['summary']}
   assert rows['glow_noaug']['n'] == 1 and rows['denseflow_aug_precond']['n'] == 2
   assert np.isfinite(rows['denseflow_aug_precond']['std'])

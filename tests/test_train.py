@@ -1,5 +1,6 @@
-"""Tests for denseflow_jax.train: schedule, optimizer, the train step's non-finite handling,
-the stop after consecutive non-finite steps, config checks, artifacts.
+"""Tests for denseflow_jax.train and optim: schedule, optimizer, the train step's non-finite
+handling, the stop after consecutive non-finite steps, config checks, artifacts and the JSONL
+metrics writer. The in-loop evaluation and remat are in test_evaluation.py.
 
 The model is a micro DenseFlow on the 8x8 digits (one block, one module per unit, width 4,
 uniform dequantization) so that compiles stay short.
@@ -16,7 +17,7 @@ import optax
 import pytest
 
 from configs import quickstart
-from denseflow_jax import artifacts, checkpoint, config_file, parallel, train
+from denseflow_jax import artifacts, checkpoint, config_file, optim, parallel, train
 from denseflow_jax.data import make_data
 from denseflow_jax.nets.layers import BatchNorm
 
@@ -41,7 +42,7 @@ def micro_config(**train_fields):
 
 def test_learning_rate_schedule_values():
   config = micro_config(lr=1e-3, warmup_steps=100, decay_rate=0.5)
-  schedule = train.learning_rate_schedule(config, steps_per_epoch=40)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch=40)
   expected = {0: 0.0, 50: 5e-4, 99: 9.9e-4, 100: 1e-3, 139: 1e-3, 140: 5e-4,
               100 + 3 * 40 - 1: 2.5e-4, 100 + 3 * 40: 1.25e-4, 100 + 10 * 40 + 5: 1e-3 / 1024}
   for step, lr in expected.items():
@@ -50,25 +51,25 @@ def test_learning_rate_schedule_values():
 
 
 def test_learning_rate_schedule_without_warmup_and_public_behaviour():
-  schedule = train.learning_rate_schedule(micro_config(warmup_steps=0, decay_rate=0.5), 10)
+  schedule = optim.learning_rate_schedule(micro_config(warmup_steps=0, decay_rate=0.5), 10)
   assert float(schedule(0)) == pytest.approx(1e-3)
   assert float(schedule(9)) == pytest.approx(1e-3)
   assert float(schedule(10)) == pytest.approx(5e-4)
-  constant = train.learning_rate_schedule(micro_config(warmup_steps=5, decay_rate=1.0), 10)
+  constant = optim.learning_rate_schedule(micro_config(warmup_steps=5, decay_rate=1.0), 10)
   assert float(constant(2)) == pytest.approx(4e-4)
   assert float(constant(5000)) == pytest.approx(1e-3)  # decay_rate 1: the public code
 
 
 def test_num_train_steps():
-  assert train.num_train_steps(micro_config(num_steps=7), 93) == 7
+  assert optim.num_train_steps(micro_config(num_steps=7), 93) == 7
   config = micro_config(num_steps=0)
   config.train.num_epochs = 3
-  assert train.num_train_steps(config, 93) == 279
+  assert optim.num_train_steps(config, 93) == 279
 
 
 def test_optimizer_is_clipped_adamax_with_injected_lr():
   config = micro_config(lr=1e-2, grad_clip_norm=1.0)
-  tx = train.make_optimizer(config)
+  tx = optim.make_optimizer(config)
   reference = optax.chain(optax.clip_by_global_norm(1.0), optax.adamax(1e-2, 0.9, 0.999))
   params = {'w': jnp.ones(3)}
   state, ref_state = tx.init(params), reference.init(params)
@@ -77,7 +78,7 @@ def test_optimizer_is_clipped_adamax_with_injected_lr():
     updates, state = tx.update(grads, state, params)
     ref_updates, ref_state = reference.update(grads, ref_state, params)
     np.testing.assert_allclose(updates['w'], ref_updates['w'], rtol=1e-6)
-  half = train._with_learning_rate(state, 5e-3)
+  half = optim.with_learning_rate(state, 5e-3)
   updates, _ = tx.update({'w': jnp.ones(3)}, half, params)
   ref_updates, _ = reference.update({'w': jnp.ones(3)}, ref_state, params)
   np.testing.assert_allclose(updates['w'], 0.5 * ref_updates['w'], rtol=1e-6)
@@ -113,8 +114,8 @@ def test_train_step_skips_nonfinite_update():
   config = micro_config()
   mesh = parallel.make_mesh()
   model = ToyFlow(config.model)
-  tx = train.make_optimizer(config)
-  schedule = train.learning_rate_schedule(config, 93)
+  tx = optim.make_optimizer(config)
+  schedule = optim.learning_rate_schedule(config, 93)
   data = make_data(config)
   batches = data.train_batches(0)
   init_fn = train.make_init_fn(model, tx, config, mesh)
@@ -160,7 +161,7 @@ def test_stops_after_consecutive_nonfinite_and_keeps_last_good_checkpoint(tmp_pa
   _, variables = checkpoint.load_variables(workdir)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
   rows = artifacts.read_metrics(workdir)
-  assert [r['skipped_steps'] for r in rows if r['step'] > 8] == [1.0] * 4  # steps 8-11
+  assert [r['skipped_steps'] for r in rows if r['step'] > 8 and 'skipped_steps' in r] == [1.0] * 4
   assert checkpoint.verify_manifest(os.path.join(directory, '9'))
 
 
@@ -205,16 +206,22 @@ def test_saved_config_conflict_is_refused(tmp_path, caplog):
 # ----------------------------------------------------------------------------- artifacts
 
 
-def test_image_grid_and_bpd_curve(tmp_path):
+def test_image_grid_jsonl_metrics_and_bpd_curve(tmp_path):
+  from denseflow_jax import metric_writer  # pylint: disable=g-import-not-at-top
   images = np.arange(5 * 2 * 3).reshape(5, 2, 3, 1) % 32
   grid = artifacts.image_grid(images.astype(np.uint8), num_bits=5, columns=3, padding=1)
   assert grid.shape == (2 * 3 + 1, 3 * 4 + 1, 1) and grid.dtype == np.uint8
   assert grid[1, 1, 0] == 0 and grid[1 + 1, 1 + 2, 0] == round(5 * 255 / 31)
   artifacts.save_sample_grid(str(tmp_path / 's.png'), images.astype(np.uint8), 5)
   assert artifacts.plot_bpd_curve(str(tmp_path)) is None
+  writer = metric_writer.JsonlWriter(str(tmp_path))
   for step, bpd in ((1, 5.0), (2, 4.0), (2, 3.5)):
-    artifacts.append_metrics(str(tmp_path), step, {'train_bpd': bpd})
-  artifacts.append_metrics(str(tmp_path), 2, {'test_bpd': 3.9})
+    writer.write_scalars(step, {'train_bpd': bpd})
+  writer.write_scalars(2, {'test_bpd': np.float32(3.9), 'steps_per_sec': 7})
+  writer.write_images(2, {'samples': np.zeros((1, 4, 4, 3), np.uint8)})  # not a scalar: ignored
+  rows = artifacts.read_metrics(str(tmp_path))
+  assert rows[-1] == {'step': 2, 'test_bpd': float(np.float32(3.9)), 'steps_per_sec': 7.0}
+  assert len(rows) == 4
   assert artifacts.metric_curve(artifacts.read_metrics(str(tmp_path)), 'train_bpd') == {
       1: 5.0, 2: 3.5}
   path = artifacts.plot_bpd_curve(str(tmp_path))

@@ -1,0 +1,66 @@
+"""Optimizer and learning-rate schedule of the training loop.
+
+- Steps: `train.num_steps` if > 0, else `train.num_epochs * steps_per_epoch` (rounded up).
+- Learning rate (`learning_rate_schedule`): linear warm-up from 0 at step 0 to `lr` at step
+  `warmup_steps`, then `lr * decay_rate ** floor((step - warmup_steps) / steps_per_epoch)`:
+  the once-per-epoch staircase counts epochs from the *end* of the warm-up, so the peak is
+  reached exactly and held for one epoch. `decay_rate = 1.0` is the public code's behaviour.
+  The rate is a function of the global step, set into the optimizer state each step
+  (`with_learning_rate`), so a skipped update does not shift the schedule.
+- Optimizer (`make_optimizer`): optional `clip_by_global_norm(grad_clip_norm)` then
+  `adamax(lr, b1, b2)`, with the learning rate as an injected hyperparameter.
+"""
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+PyTree = Any
+
+
+def num_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """`train.num_steps` if > 0, else `train.num_epochs * steps_per_epoch`."""
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps)
+  return int(math.ceil(config.train.num_epochs * steps_per_epoch))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """Linear warm-up 0 -> lr over `warmup_steps`, then a per-epoch exponential staircase.
+
+  lr(s) = lr * s / warmup for s < warmup; lr * decay_rate ** floor((s - warmup) / spe) after
+  (spe = steps per epoch; epochs are counted from the end of the warm-up).
+  """
+  t = config.train
+  decay = optax.exponential_decay(float(t.lr), transition_steps=max(1, int(steps_per_epoch)),
+                                  decay_rate=float(t.decay_rate), staircase=True)
+  warmup = int(t.warmup_steps)
+  if warmup <= 0:
+    return decay
+  ramp = optax.linear_schedule(0.0, float(t.lr), warmup)
+  return optax.join_schedules([ramp, decay], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """[clip_by_global_norm] + adamax(b1, b2); the learning rate is injected each step."""
+  t = config.train
+
+  def optimizer(learning_rate):
+    parts = []
+    if t.grad_clip_norm > 0:
+      parts.append(optax.clip_by_global_norm(float(t.grad_clip_norm)))
+    parts.append(optax.adamax(learning_rate, b1=float(t.b1), b2=float(t.b2)))
+    return optax.chain(*parts)
+
+  return optax.inject_hyperparams(optimizer)(learning_rate=float(t.lr))
+
+
+def with_learning_rate(opt_state: PyTree, lr: jax.Array) -> PyTree:
+  """The state of `make_optimizer`'s optimizer with its learning rate set to `lr`."""
+  hyper = dict(opt_state.hyperparams)
+  hyper['learning_rate'] = jnp.asarray(lr, jnp.asarray(hyper['learning_rate']).dtype)
+  return opt_state._replace(hyperparams=hyper)
