@@ -338,6 +338,30 @@ def source_from_spec(spec: str, data_dir: str = '') -> ImageSource:
                    f'with NAME in {sorted(TFDS_DATASETS)}')
 
 
+def source_for_model(spec: str, config: Any, split: str = 'test', data_dir: str = '') -> ImageSource:
+  """The images a tool runs a trained model on: the data spec `spec` (see `source_from_spec`),
+  or for an empty spec the run's own `split` ('train' or 'test') of `config.data`. ValueError
+  unless the images have the model's shape and bit depth."""
+  model = config.model
+  if spec:
+    source = source_from_spec(spec, data_dir or config.data.data_dir)
+  else:
+    if data_dir:
+      config = config.copy_and_resolve_references()
+      config.data.data_dir = data_dir
+    train, test = load_sources(config.data, num_bits=int(model.num_bits))
+    source = train if split == 'train' else test
+    if source is None:
+      raise ValueError(f'the run has no {split} split (dataset {config.data.dataset!r}); name '
+                       'the images with --data (npz:PATH, digits:SPLIT, [tfds:]NAME[:SPLIT])')
+  want = (int(model.image_size), int(model.image_size), int(model.num_channels))
+  if source.shape != want or source.num_bits != int(model.num_bits):
+    raise ValueError(f'{spec or config.data.dataset}: images {source.shape} with '
+                     f'{source.num_bits} bits, but the model takes {want} with '
+                     f'{int(model.num_bits)} bits')
+  return source
+
+
 # ----------------------------------------------------------------------------- augmentation
 
 

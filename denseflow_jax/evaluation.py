@@ -16,7 +16,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 import jax
@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from denseflow_jax import artifacts, parallel
+from denseflow_jax import data as data_lib
 from denseflow_jax.data import Data
 
 PyTree = Any
@@ -147,13 +148,30 @@ def iwbo_bpd(model, variables: Dict[str, PyTree], data: Data, mesh, k: int, chun
   cross-unit noise, `chunk` draws at a time (0 = all k); the draws of batch i use
   `fold_in(PRNGKey(seed), i)`. `batch_size` 0 = the eval batch size of `data`.
   """
+  if data.test is None:
+    raise ValueError('no test split: set config.data.test_npz or config.data.holdout')
+  return iwbo_bpd_of_source(model, variables, data.test, mesh, k, chunk, seed, max_examples,
+                            batch_size or data.eval_batch_size,
+                            process_index=data.process_index, process_count=data.process_count)
+
+
+def iwbo_bpd_of_source(model, variables: Dict[str, PyTree], source, mesh, k: int,
+                       chunk: int = 0, seed: int = 0, max_examples: int = 0,
+                       batch_size: int = 64, *, process_index: Optional[int] = None,
+                       process_count: Optional[int] = None) -> IwboResult:
+  """`iwbo_bpd` of any `data.ImageSource` (in its order), batches of `batch_size` (global);
+  the processes default to JAX's."""
   sharded = parallel.ShardedModel(model, mesh)
   k = int(k)
   chunk = min(int(chunk), k) if chunk else k
-  num_dims = data.image_size * data.image_size * data.num_channels
+  height, width, channels = source.shape
+  num_dims = height * width * channels
   base_key = jax.random.PRNGKey(int(seed))
   values = []
-  for i, batch in enumerate(data.eval_batches(max_examples, batch_size)):
+  batches = data_lib.eval_batches(source, int(batch_size), max_examples,
+      process_index=jax.process_index() if process_index is None else process_index,
+      process_count=jax.process_count() if process_count is None else process_count)
+  for i, batch in enumerate(batches):
     key = parallel.replicate(np.asarray(jax.random.fold_in(base_key, i)), mesh)
     lower = parallel.to_host(sharded.iwbo(variables, batch.images, key, k, chunk))
     mask = parallel.to_host(parallel.shard_batch(batch.mask, mesh))

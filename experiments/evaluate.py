@@ -7,6 +7,11 @@ cross-unit noise, evaluated `chunk` draws at a time (`denseflow_jax.evaluation.i
 Prints and writes (JSON, default `DIR/eval_iwbo_k<k>.json`) the mean test bits/dim and its
 standard error over examples.
 Works with training workdirs and with converted checkpoints (config.json + params).
+
+`--data` names other images in the syntax of every tool (`npz:PATH`, `digits:test`,
+`[tfds:]NAME[:SPLIT]`); the default is the run's own test split. Published weights on a local
+npz: `python experiments/evaluate.py --workdir runs/official_cifar10 --data npz:test.npz`.
+Per-image scores of any images: `experiments/score.py`.
 """
 import json
 import os
@@ -21,12 +26,13 @@ _K = flags.DEFINE_integer('k', 0, 'Importance samples per image (0 = config.eval
 _CHUNK = flags.DEFINE_integer('chunk', -1, 'Draws evaluated at once (-1 = config.eval.iwbo_chunk'
                               ', 0 = all k).')
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Images per batch (0 = config.eval.batch_size).')
-_MAX = flags.DEFINE_integer('max_examples', 0, 'Evaluate the first N test images (0 = all).')
+_DATA = flags.DEFINE_string('data', '', 'Images to evaluate (default: the run\'s test split): '
+                            'npz:PATH, digits:SPLIT, [tfds:]NAME[:SPLIT].')
+_MAX = flags.DEFINE_integer('max_examples', 0, 'Evaluate the first N images (0 = all).')
 _STEP = flags.DEFINE_integer('step', -1, 'Checkpoint step (-1 = newest readable).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the noise draws.')
 _OUTPUT = flags.DEFINE_string('output', '', 'JSON path (default DIR/eval_iwbo_k<k>.json).')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Override config.data.data_dir (TFDS).')
-_TEST_NPZ = flags.DEFINE_string('test_npz', None, 'Override config.data.test_npz.')
+_DATA_DIR = flags.DEFINE_string('data_dir', '', 'TFDS data_dir (default config.data.data_dir).')
 _CACHE = flags.DEFINE_bool('compilation_cache', True, 'Use the persistent XLA compilation '
                             'cache (DENSEFLOW_JAX_CACHE, default ~/.cache/denseflow_jax/xla).')
 flags.mark_flag_as_required('workdir')
@@ -79,28 +85,18 @@ def main(argv):
   if problems:
     cli.fail('; '.join(problems))
   output = _OUTPUT.value or os.path.join(workdir, f'eval_iwbo_k{k}.json')
-  with config.unlocked():
-    if _DATA_DIR.value is not None:
-      config.data.data_dir = _DATA_DIR.value
-    if _TEST_NPZ.value is not None:
-      config.data.test_npz = _TEST_NPZ.value
-    config.eval.batch_size = batch_size
-  try:
-    dataset = data.make_data(config, jax.process_index(), jax.process_count())
-  except RuntimeError as e:  # a TFDS dataset in the wrong format
-    cli.fail(cli.one_line(e))
-  if dataset.test is None:
-    cli.fail('the config has no test split (set --test_npz)')
-
+  source = data.source_for_model(_DATA.value, config, 'test', _DATA_DIR.value)
   _, model, step, variables = checkpoint.load_model(
       workdir, mesh, None if _STEP.value < 0 else _STEP.value)
   start = time.time()
-  iwbo = evaluation.iwbo_bpd(model, variables, dataset, mesh, k, chunk, seed=_SEED.value,
-                             max_examples=_MAX.value, batch_size=batch_size)
+  iwbo = evaluation.iwbo_bpd_of_source(model, variables, source, mesh, k, chunk,
+                                       seed=_SEED.value, max_examples=_MAX.value,
+                                       batch_size=batch_size)
   n = iwbo.num_examples
   result = {
-      'workdir': os.path.abspath(workdir), 'step': int(step), 'dataset': config.data.dataset,
-      'split': dataset.test.split, 'num_examples': n, 'k': k, 'chunk': chunk,
+      'workdir': os.path.abspath(workdir), 'step': int(step),
+      'data': _DATA.value or config.data.dataset,
+      'split': source.split, 'num_examples': n, 'k': k, 'chunk': chunk,
       'batch_size': batch_size, 'seed': _SEED.value, 'bpd_mean': iwbo.mean,
       'bpd_stderr': iwbo.stderr, 'num_devices': int(mesh.devices.size),
       'wall_s': time.time() - start}
