@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional
 
 from absl import logging
 import jax
+import jax.extend  # noqa: F401  (jax.extend.core: the jaxpr types)
 
 
 def _sub_jaxprs(params: Dict[str, Any]):
