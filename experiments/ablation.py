@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import sys
-import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -40,6 +39,7 @@ from ml_collections import config_flags
 
 from ablation_report import PLOT_PNG, RESULTS_JSON, TABLE_MD, VARIANTS, fmt, write_outputs
 from denseflow_jax import defaults
+from denseflow_jax.benchmarking import measure
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,47 +110,6 @@ def resolve_paths(cfg) -> None:
       cfg.data[field] = os.path.normpath(os.path.join(REPO_ROOT, os.path.expanduser(path)))
 
 
-# ----------------------------------------------------------------------------- measurements
-
-
-class _LoadSampler:
-  """Samples the 1-minute load average every `every` seconds in a daemon thread."""
-
-  def __init__(self, every: float = 15.0):
-    self.every, self.samples = every, []
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-
-  def _run(self):
-    while True:
-      self.samples.append(os.getloadavg()[0])
-      if self._stop.wait(self.every):
-        return
-
-  def __enter__(self):
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
-    return False
-
-  def summary(self) -> Dict[str, float]:
-    s = self.samples or [os.getloadavg()[0]]
-    return {'mean': float(sum(s) / len(s)), 'max': float(max(s)), 'samples': len(s)}
-
-
-def hardware() -> Dict[str, Any]:
-  """CPU model, core count, platform, jax version and devices."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from denseflow_jax.artifacts import machine_info  # pylint: disable=g-import-not-at-top
-  info = machine_info()
-  return {'cpu_model': info['cpu_model'], 'cpu_cores': info['logical_cpus'],
-          'platform': info['platform'], 'python': info['python'], 'jax': jax.__version__,
-          'devices': [str(d) for d in jax.devices()]}
-
-
 # ----------------------------------------------------------------------------- one run
 
 
@@ -197,7 +156,7 @@ def train_one(cfg, workdir: str, eval_seed: int) -> Dict[str, Any]:
   record: Dict[str, Any] = {'resumed': resumed}
   earlier_rows = len(artifacts.read_metrics(workdir))  # rows of previous invocations
   t0, c0 = time.time(), time.process_time()
-  with _LoadSampler() as load:
+  with measure.ResourceSampler(interval=15.0) as load:
     state = train.train_and_evaluate(cfg, workdir)
     jax.block_until_ready(state.params)
     t1, c1 = time.time(), time.process_time()
@@ -212,7 +171,7 @@ def train_one(cfg, workdir: str, eval_seed: int) -> Dict[str, Any]:
       steps=int(parallel.to_host(state.step)),
       params=int(sum(np.size(x) for x in jax.tree.leaves(params))),
       train_wall_s=t1 - t0, train_cpu_s=c1 - c0, eval_wall_s=t2 - t1, eval_cpu_s=c2 - c1,
-      step_s=step_seconds(rows[earlier_rows:]), load_avg=load.summary(),
+      step_s=step_seconds(rows[earlier_rows:]), load_avg=load.load_summary(),
       train_bpd_final=curve[-1][1] if curve else None, train_curve=curve)
   return record
 
@@ -263,7 +222,7 @@ def main(argv):
   checkpoint.quiet_orbax_logs()
   if config.ablation.compilation_cache:
     logging.info('compilation cache: %s', enable_compilation_cache())
-  results['hardware'] = hardware()
+  results['hardware'] = measure.machine_info(devices=True)
   results['config'] = json.loads(config.to_json(sort_keys=True))
   results['invocations'].append({'command': ' '.join(sys.argv),
                                  'started': time.strftime('%Y-%m-%d %H:%M:%S'),

@@ -7,34 +7,58 @@
 each network of the model on its own, at the shapes and counts it has inside the train step:
 forward alone and forward + backward (gradients for the parameters and the float input, as in
 the train step; BatchNorm in train mode), each jitted separately, median of `--steps` calls.
-It prints, per batch size, a table with the FLOPs of every part (matmul + conv FLOPs from the
-jaxpr, as in benchmark.py), the achieved GFLOP/s against the matmul peak measured in the same
-process, and how much of the whole train step the parts explain; plus per-op timings of the
-dense block's layers (1x1 matmuls, the 3x3 conv's forward, input gradient and weight
-gradient) and the minor page faults per train step. Flags are shared with benchmark.py.
+The whole step is the library's (`denseflow_jax.train.make_train_step`, as the training loop
+builds it). It prints, per batch size, a table with the FLOPs of every part (matmul + conv
+FLOPs from the jaxpr, `denseflow_jax.benchmarking.flops`), the achieved GFLOP/s against the
+matmul peak measured in the same process, and how much of the whole train step the parts
+explain; plus per-op timings of the dense block's layers (1x1 matmuls, the 3x3 conv's forward
+and its backward) and the minor page faults per train step.
 """
 import json
 import os
-import resource
-import time
 from typing import Any, Callable, Dict, List
 
 from absl import app, flags
+from ml_collections import config_flags
 
-import benchmark  # pylint: disable=g-import-not-at-top  (its flags: --config, --steps, ...)
+from denseflow_jax.benchmarking import measure
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', os.path.join(REPO_ROOT, 'configs', 'tiny.py'),
+                                'Experiment config (model and train sections are used).')
+flags.DEFINE_list('batch_sizes', ['8'], 'Batch sizes to profile.')
+flags.DEFINE_integer('image_size', 0, 'Overrides config.model.image_size when > 0.')
+flags.DEFINE_integer('steps', 7, 'Timed calls per measurement (the median is reported).')
+flags.DEFINE_integer('warmup', 2, 'Untimed calls after the first call, before the timed ones.')
+flags.DEFINE_integer('peak_n', 4096, 'Matrix size of the matmul peak measurement.')
+flags.DEFINE_integer('peak_reps', 7, 'Timed matmuls of the peak measurement.')
+flags.DEFINE_bool('xla_flags', False, f'Add {measure.PERF_XLA_FLAGS!r} to XLA_FLAGS.')
 flags.DEFINE_bool('parts', True, 'Time the parts; false: only the whole train step and forward.')
+flags.DEFINE_integer('seed', 0, 'Seed of the synthetic images, and config.train.seed.')
+flags.DEFINE_string('out', '', 'JSON output path ("" = none).')
+# The schedule's steps per epoch: only the learning-rate values depend on it, not the cost.
+STEPS_PER_EPOCH = 1000
+
+
+def _config():
+  cfg = FLAGS.config
+  if FLAGS.image_size > 0:
+    cfg.model.image_size = FLAGS.image_size
+  cfg.train.seed = FLAGS.seed
+  return cfg
 
 
 def _median(fn: Callable[[], Any], steps: int, warmup: int) -> float:
   for _ in range(warmup + 1):
     fn()
-  return benchmark.median_time(fn, steps)['median_s']
+  return measure.median_time(fn, steps)['median_s']
 
 
-def _faults() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def _gflop(closed_jaxpr) -> float:
+  from denseflow_jax.benchmarking import flops  # pylint: disable=g-import-not-at-top
+  return flops.total(flops.count_flops(closed_jaxpr)) / 1e9
 
 
 class Profiler:
@@ -48,7 +72,6 @@ class Profiler:
              train: bool = None, extra: Dict[str, Any] = None, parent: str = '') -> Dict:
     """Times `module.apply(variables, x, **extra)` forward and forward + backward."""
     import jax
-    import jax.numpy as jnp
     extra = dict(extra or {})
     if train is not None:
       extra['train'] = train
@@ -74,14 +97,13 @@ class Profiler:
 
     fb = jax.jit(fwdbwd)
     fw = jax.jit(fwd)
-    flops_fb = benchmark.count_flops(jax.make_jaxpr(fwdbwd)(params, x, cot))
-    flops_f = benchmark.count_flops(jax.make_jaxpr(fwd)(params, x))
+    gflop_fb = _gflop(jax.make_jaxpr(fwdbwd)(params, x, cot))
+    gflop_f = _gflop(jax.make_jaxpr(fwd)(params, x))
     fw_c = fw.lower(params, x).compile()
     fb_c = fb.lower(params, x, cot).compile()
     t_f = _median(lambda: jax.block_until_ready(fw_c(params, x)), FLAGS.steps, FLAGS.warmup)
     t_fb = _median(lambda: jax.block_until_ready(fb_c(params, x, cot)), FLAGS.steps, FLAGS.warmup)
-    return self.add(name, count, t_f, t_fb, (flops_f['dot'] + flops_f['conv']) / 1e9,
-                    (flops_fb['dot'] + flops_fb['conv']) / 1e9, parent=parent,
+    return self.add(name, count, t_f, t_fb, gflop_f, gflop_fb, parent=parent,
                     shape=tuple(x.shape))
 
   def add(self, name, count, fwd_s, fwdbwd_s, gflop_f, gflop_fb, parent='', shape=()):
@@ -102,7 +124,7 @@ def dense_layer_ops(prof: Profiler, batch: int, size: int, mid: int, depth: int,
   """Each dense layer's matmuls and convs alone, with donated outputs (no fresh buffers)."""
   import jax
   import jax.numpy as jnp
-  from denseflow_jax.nets.layers import _conv3x3_bwd, _conv_same
+  from denseflow_jax.nets import conv3x3
   rows = []
   key = jax.random.key(0)
   p = batch * size * size
@@ -126,8 +148,9 @@ def dense_layer_ops(prof: Profiler, batch: int, size: int, mid: int, depth: int,
 
     mm = timed(lambda a, b: a @ b, (x2, w1), x2)                 # 1x1 fwd / input grad
     mm_w = timed(lambda a, g: a.T @ g, (x2, x2), w1)             # 1x1 weight grad
-    cf = timed(_conv_same, (x4, w3), g4)                         # 3x3 fwd
-    cb = timed(lambda x, w, g: _conv3x3_bwd((x, w), g), (x4, w3, g4), (x4, w3))  # 3x3 bwd
+    cf = timed(conv3x3, (x4, w3), g4)                            # 3x3 fwd
+    # 3x3 bwd: conv3x3's backward rule (the unused primal output is removed by XLA)
+    cb = timed(lambda x, w, g: jax.vjp(conv3x3, x, w)[1](g), (x4, w3, g4), (x4, w3))
     f1 = 2.0 * p * c * c / 1e9
     f3 = 2.0 * p * 9 * c * growth / 1e9
     rows.append({'layer': i, 'channels': c, 'mm_fwd_s': mm, 'mm_wgrad_s': mm_w,
@@ -144,69 +167,63 @@ def profile_batch(batch: int, peak: float) -> Dict[str, Any]:
   import jax
   import jax.numpy as jnp
   import optax
+  from denseflow_jax import optim, parallel, train
   from denseflow_jax.bijectors.dequantize import VariationalDequantization
   from denseflow_jax.config_check import plan_model
-  from denseflow_jax.model import DenseFlow, Unit, init_variables
+  from denseflow_jax.model import DenseFlow, Unit
   from denseflow_jax.nets import (ConditionalCouplingNet, ContextNet, DenseBlock,
                                   DenseFlowCouplingNet, NoiseNet, NystromAttention)
 
-  cfg = benchmark._model_config()  # pylint: disable=protected-access
+  config = _config()
+  cfg = config.model
   plan = plan_model(cfg)
   prof = Profiler(peak)
   key = jax.random.key(0)
   print(f'batch {batch}', flush=True)
 
-  # The whole train step (as in benchmark.py) and the forward pass alone.
+  # The whole train step (the library's, as the training loop builds it) and the forward pass.
+  mesh = parallel.make_mesh()
   model = DenseFlow(cfg)
-  x_int = jnp.asarray(benchmark._images(cfg, batch, 0))  # pylint: disable=protected-access
-  variables = init_variables(model, key, x_int)
-  params, bstats = variables['params'], variables['batch_stats']
-  tx = optax.adamax(1e-3)
-  opt_state = tx.init(params)
-
-  def loss_fn(p, bs, x, rng):
-    bpd, mut = model.apply({'params': p, 'batch_stats': bs}, x, train=True, rngs={'noise': rng},
-                           mutable=['batch_stats'], method=DenseFlow.bits_per_dim)
-    return jnp.mean(bpd), mut['batch_stats']
-
-  def step(state, x):
-    p, bs, o, s = state
-    rng = jax.random.fold_in(key, s)
-    (l, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(p, bs, x, rng)
-    u, o = tx.update(g, o, p)
-    return (optax.apply_updates(p, u), bs, o, s + 1), l
-
-  state = (params, bstats, opt_state, jnp.zeros((), jnp.int32))
-  step_c = jax.jit(step, donate_argnums=(0,)).lower(state, x_int).compile()
-  flops_step = benchmark.count_flops(jax.make_jaxpr(step)(state, x_int))
+  tx = optim.make_optimizer(config)
+  x_int = parallel.shard_batch(measure.synthetic_images(cfg, batch, FLAGS.seed), mesh)
+  state = train.make_init_fn(model, tx, config, mesh)(x_int)
+  train_step = train.make_train_step(model, tx, optim.learning_rate_schedule(
+      config, STEPS_PER_EPOCH), mesh)
+  traced = train_step.trace(state, x_int)
+  gflop_step = _gflop(traced.jaxpr)
+  step_c = traced.lower().compile()
   holder = [state]
 
   def call():
-    holder[0], l = step_c(holder[0], x_int)
-    jax.block_until_ready((holder[0], l))
+    holder[0], metrics = step_c(holder[0], x_int)
+    jax.block_until_ready((holder[0], metrics))
 
   for _ in range(FLAGS.warmup + 1):
     call()
-  f0 = _faults()
-  t_step = benchmark.median_time(call, FLAGS.steps)['median_s']
-  faults = (_faults() - f0) / max(FLAGS.steps, 1)
-  params, bstats, opt_state, _ = holder[0]  # the originals were donated
-  fwd_c = jax.jit(lambda p, bs, x: loss_fn(p, bs, x, key)[0]).lower(params, bstats,
-                                                                    x_int).compile()
-  flops_fwd = benchmark.count_flops(jax.make_jaxpr(lambda p, bs, x: loss_fn(p, bs, x, key)[0])(
-      params, bstats, x_int))
+  f0 = measure.minor_faults()
+  t_step = measure.median_time(call, FLAGS.steps)['median_s']
+  faults = (measure.minor_faults() - f0) / max(FLAGS.steps, 1)
+  state = holder[0]  # the earlier states were donated
+  params, bstats, opt_state = state.params, state.batch_stats, state.opt_state
+
+  def loss_fn(p, bs, x):
+    bpd, _ = model.apply({'params': p, 'batch_stats': bs}, x, train=True, rngs={'noise': key},
+                         mutable=['batch_stats'], method='bits_per_dim')
+    return jnp.mean(bpd)
+
+  fwd_c = jax.jit(loss_fn).lower(params, bstats, x_int).compile()
+  gflop_fwd = _gflop(jax.make_jaxpr(loss_fn)(params, bstats, x_int))
   t_fwd = _median(lambda: jax.block_until_ready(fwd_c(params, bstats, x_int)), FLAGS.steps,
                   FLAGS.warmup)
-  gb = lambda f: (f['dot'] + f['conv']) / 1e9
-  whole = prof.add('WHOLE train step (fwd+bwd+adamax)', 1, t_fwd, t_step, gb(flops_fwd),
-                   gb(flops_step), shape=x_int.shape)
+  whole = prof.add('WHOLE train step (fwd+bwd+adamax)', 1, t_fwd, t_step, gflop_fwd,
+                   gflop_step, shape=x_int.shape)
   whole['minor_faults_per_step'] = faults
   print(f'  minor page faults per train step: {faults:.0f} ({faults * 4096 / 2**20:.0f} MiB)')
 
   if not FLAGS.parts:
     return {'batch': batch, 'rows': prof.rows, 'step_s': t_step, 'minor_faults_per_step': faults}
 
-  # The optimizer update alone.
+  # The optimizer update alone (the config's optimizer, as in the train step).
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   upd = jax.jit(lambda g, o, p: (lambda u, o2: (optax.apply_updates(p, u), o2))(
       *tx.update(g, o, p)), donate_argnums=(1, 2))
@@ -273,18 +290,21 @@ def profile_batch(batch: int, peak: float) -> Dict[str, Any]:
 def main(argv):
   del argv
   if FLAGS.xla_flags:
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' +
-                               benchmark.PERF_XLA_FLAGS).strip()
-  import jax
+    os.environ['XLA_FLAGS'] = measure.with_perf_xla_flags(os.environ.get('XLA_FLAGS', ''))
+  import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_enable_compilation_cache', False)
-  peak = benchmark.measure_matmul_peak(FLAGS.peak_n, FLAGS.peak_reps)
+  peak = measure.matmul_peak(FLAGS.peak_n, FLAGS.peak_reps)
   print(f"matmul peak {peak['gflop_s']:.0f} GFLOP/s, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
-        f', load {benchmark.load_avg():.2f}', flush=True)
+        f', load {measure.load_avg():.2f}', flush=True)
   result = {'xla_flags': os.environ.get('XLA_FLAGS', ''), 'matmul_peak': peak,
-            'load_before': benchmark.load_avg(), 'batches': []}
-  for b in [int(s) for s in FLAGS.batch_sizes]:
-    result['batches'].append(profile_batch(b, peak['gflop_s']))
-  result['load_after'] = benchmark.load_avg()
+            'machine': measure.machine_info(), 'device': measure.device_info(),
+            'load_before': measure.load_avg(), 'batches': []}
+  with measure.ResourceSampler(interval=1.0) as sampler:
+    for b in [int(s) for s in FLAGS.batch_sizes]:
+      result['batches'].append(profile_batch(b, peak['gflop_s']))
+  result['load_after'] = measure.load_avg()
+  result['load_during'] = sampler.load_summary()
+  result['peak_rss_gib'] = measure.peak_rss_gib()
   print(f"load after {result['load_after']:.2f}")
   if FLAGS.out:
     with open(FLAGS.out, 'w') as f:

@@ -1,6 +1,8 @@
 """Smoke test of experiments/benchmark.py: one step of every job on a shrunken tiny config.
 
-Checks the structure of the JSON and the Markdown rows; never the timings.
+Checks that what is timed is the library's (the training loop's train step with its donation
+and sharding, the eval step, ShardedModel.sample), the structure of the JSON and the Markdown
+rows; never the timings.
 """
 import json
 import os
@@ -43,6 +45,12 @@ def test_benchmark_script_writes_json_and_markdown(tmp_path):
 
   (row,) = report['train']
   assert row['batch'] == 2
+  # The step the training loop compiles: denseflow_jax.train's, state donated, batch sharded.
+  assert row['step_fn'] == 'denseflow_jax.train.make_train_step.<locals>.step_fn'
+  assert row['donated_state'] is True and row['donated_batch'] is False
+  assert "P('data'" in row['batch_sharding']
+  assert row['finite'] and row['loss_bpd'] > 0
+  assert row['load_during']['samples'] >= 2 and row['peak_rss_run_gib'] > 0
   assert '--xla_cpu_use_onednn=true' in row['xla_flags_env']
   for key in ('trace_s', 'lower_s', 'compile_s', 'first_call_s', 'step_s', 'img_s',
               'peak_rss_gib'):
@@ -55,7 +63,9 @@ def test_benchmark_script_writes_json_and_markdown(tmp_path):
   assert checks['conv3x3_forward']['analytic_flops'] > 0
 
   ev = report['eval']
+  assert ev['step_fn'] == 'denseflow_jax.evaluation.make_eval_step.<locals>.eval_fn'
   assert ev['batch'] == 2 and ev['img_s'] > 0 and ev['flops_per_img']['counted_matmul_conv'] > 0
+  assert report['sample']['step_fn'] == 'denseflow_jax.parallel.ShardedModel.sample'
   (sample,) = report['sample']['sizes']
   assert sample['n'] == 2 and sample['time_s'] > 0
 

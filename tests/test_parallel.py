@@ -22,7 +22,7 @@ FOUR_DEVICE_SCRIPT = r'''
 import json, sys
 import flax, jax, numpy as np
 sys.path.insert(0, sys.argv[1])
-from denseflow_jax import parallel, train
+from denseflow_jax import optim, parallel, train
 from denseflow_jax.data import make_data
 from denseflow_jax.model import DenseFlow
 import micro
@@ -34,8 +34,8 @@ batches = [b for _, b in zip(range(20), data.train_batches(0))]
 out = {}
 for name, mesh in (('four', parallel.make_mesh()), ('one', parallel.make_mesh(jax.devices()[:1]))):
   model = DenseFlow(config.model)
-  tx = train.make_optimizer(config)
-  schedule = train.learning_rate_schedule(config, data.steps_per_epoch)
+  tx = optim.make_optimizer(config)
+  schedule = optim.learning_rate_schedule(config, data.steps_per_epoch)
   init_fn = train.make_init_fn(model, tx, config, mesh)
   step_fn = train.make_train_step(model, tx, schedule, mesh)
   state = init_fn(parallel.shard_batch(batches[0], mesh))

@@ -192,12 +192,12 @@ def test_truncated_newest_checkpoint_falls_back_with_warning(reference, tmp_path
   assert found == steps[-2]
   assert f'skipping corrupt checkpoint {newest}' in caplog.text
   # Training restore: warns, moves it aside, returns the previous one.
-  from denseflow_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  from denseflow_jax import optim, parallel, train  # pylint: disable=g-import-not-at-top
   from denseflow_jax.data import make_data  # pylint: disable=g-import-not-at-top
   from denseflow_jax.model import DenseFlow  # pylint: disable=g-import-not-at-top
   config = config_file.load_config(workdir)
   mesh = parallel.make_mesh()
-  tx = train.make_optimizer(config)
+  tx = optim.make_optimizer(config)
   init_fn = train.make_init_fn(DenseFlow(config.model), tx, config, mesh)
   abstract = train._abstract_state(init_fn, make_data(config), mesh)
   ckpts = checkpoint.Checkpoints(workdir)
@@ -269,11 +269,11 @@ def test_evaluate_and_sample_entry_points(reference, env, tmp_path):
 
 def _restore_abstract(config):
   """The training restore target ({'params', 'batch_stats', 'training'}) for `config`."""
-  from denseflow_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  from denseflow_jax import optim, parallel, train  # pylint: disable=g-import-not-at-top
   from denseflow_jax.data import make_data  # pylint: disable=g-import-not-at-top
   from denseflow_jax.model import DenseFlow  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
-  tx = train.make_optimizer(config)
+  tx = optim.make_optimizer(config)
   init_fn = train.make_init_fn(DenseFlow(config.model), tx, config, mesh)
   abstract = train._abstract_state(init_fn, make_data(config), mesh)
   return {'params': abstract.params, 'batch_stats': abstract.batch_stats,
