@@ -109,12 +109,18 @@ def parse_flags(argv: List[str]) -> List[str]:
   return []
 
 
+def _drop_work_unit_notes(record: logging_std.LogRecord) -> bool:
+  """clu's ReportProgress also logs "Setting work unit notes: ..."; the loop prints its own."""
+  return not str(record.msg).startswith('Setting work unit notes')
+
+
 def quiet_startup() -> None:
   """No start-up noise from the libraries: TensorFlow's C++ lines (oneDNN notice, CPU-feature
   notice; TF only writes TensorBoard files and reads TFDS here, so its oneDNN kernels are off)
   and JAX's "Unable to initialize backend 'tpu' / 'proxy'". Must run before TF is imported;
   explicit settings of the environment variables win."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  logging_std.getLogger('absl').addFilter(_drop_work_unit_notes)
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   logging_std.getLogger('jax._src.xla_bridge').setLevel(logging_std.WARNING)
 

@@ -93,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.num_samples = 64
   config.eval.temperature = 1.0
   config.eval.at_start = False      # also evaluate and sample before the first step
+  config.eval.sample_metrics = True  # digits: FID and Inception-style score of the samples
   return config
 
 

@@ -83,6 +83,16 @@ class LoopEvaluator:
     self.workdir, self.writer, self.host0 = workdir, writer, host0
     self.eval_step = make_eval_step(model, config, mesh) if data.test is not None else None
     self.sampler = parallel.ShardedModel(model, mesh)
+    self.last: Dict[str, float] = {}  # the newest value of each scalar, for the run's summary
+    self.quality = None
+    if (config.eval.sample_metrics and config.eval.num_samples > 1
+        and data.train.name == 'digits'):
+      self.quality = _DigitsSampleQuality(data)
+
+  def _write(self, step: int, scalars: Dict[str, float]) -> None:
+    self.last.update(scalars)
+    if self.host0:
+      self.writer.write_scalars(step, scalars)
 
   def __call__(self, step: int, variables: Dict[str, PyTree]) -> None:
     if self.eval_step is None:
@@ -91,8 +101,7 @@ class LoopEvaluator:
     t0 = time.time()
     bpd = evaluate_bpd(self.eval_step, variables, self.data, mesh, config.eval.max_examples)
     logging.info('step %d: test bpd %.4f (%.1fs)', step, bpd, time.time() - t0)
-    if self.host0:
-      self.writer.write_scalars(step, {'test_bpd': bpd})
+    self._write(step, {'test_bpd': bpd})
     if config.eval.num_samples > 0:
       key = parallel.replicate(np.asarray(jax.random.fold_in(run_key(config, SAMPLE_TAG), step)),
                                mesh)
@@ -103,9 +112,33 @@ class LoopEvaluator:
         artifacts.save_sample_grid(path, images, config.model.num_bits)
         self.writer.write_images(step, {'samples': artifacts.image_grid(
             images, config.model.num_bits)[None]})
+      if self.quality is not None:
+        fid, score = self.quality(images)
+        logging.info('step %d: samples (T=%g, %d) FID %.2f, Inception-style score %.2f (digits '
+                     'classifier)', step, config.eval.temperature, len(images), fid, score)
+        self._write(step, {'sample_fid': fid, 'sample_is': score})
     if self.host0:
       self.writer.flush()  # the metrics file is complete before the curve is drawn from it
       artifacts.plot_bpd_curve(self.workdir)
+
+
+class _DigitsSampleQuality:
+  """FID against the training digits and the Inception-style score, both with the digits
+  classifier (`metrics.digits`), of a batch of integer samples."""
+
+  def __init__(self, data: Data):
+    from denseflow_jax.metrics import digits, frechet  # pylint: disable=g-import-not-at-top
+    self.classifier = digits.load_digits_classifier(log=logging.info)
+    train = data.train
+    images = artifacts.to_uint8(train.read_batch(np.arange(len(train))), train.num_bits)
+    self.num_bits = data.num_bits
+    self.reference = frechet.feature_stats(self.classifier(images))
+
+  def __call__(self, images: np.ndarray) -> Tuple[float, float]:
+    from denseflow_jax.metrics import digits, frechet  # pylint: disable=g-import-not-at-top
+    features = self.classifier(artifacts.to_uint8(np.asarray(images), self.num_bits))
+    fid = frechet.frechet_distance(frechet.feature_stats(features), self.reference)
+    return fid, digits.inception_score(self.classifier.probabilities_from_features(features))
 
 
 # ----------------------------------------------------------------------------- IWBO

@@ -1,10 +1,11 @@
-"""The training loop's one metrics path: a clu `MultiWriter` of logging, TensorBoard and JSONL.
+"""The training loop's one metrics path: a clu `MultiWriter` of TensorBoard and JSONL.
 
 `create_writer(workdir)` on process 0: every `write_scalars(step, {...})` call goes to the
-absl log, the TensorBoard event files and `<workdir>/metrics.jsonl` (`JsonlWriter`: one JSON
-object `{"step": s, "<name>": value, ...}` per call, appended at once; `artifacts.read_metrics`
-reads the file back). Other processes only log. Importing this module imports clu's writers,
-hence TensorFlow (several seconds): only the training loop does.
+TensorBoard event files and `<workdir>/metrics.jsonl` (`JsonlWriter`: one JSON object
+`{"step": s, "<name>": value, ...}` per call, appended at once; `artifacts.read_metrics` reads
+the file back). The console gets the loop's own one-line reports instead of a line per scalar.
+Other processes write nothing. Importing this module imports clu's writers, hence TensorFlow
+(several seconds): only the training loop does.
 """
 import json
 import os
@@ -62,11 +63,11 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 def create_writer(workdir: str, host0: bool = True) -> metric_writers.MultiWriter:
-  """Logging + TensorBoard (in background threads, as clu's default writer) + JSONL (at once).
+  """TensorBoard (in a background thread, as clu's default writer) + JSONL (at once).
 
-  `host0=False`: logging only (processes other than 0).
+  `host0=False`: an empty writer (processes other than 0).
   """
-  writers = [metric_writers.AsyncWriter(metric_writers.LoggingWriter())]
+  writers = []
   if host0:
     writers += [metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)),
                 JsonlWriter(workdir)]
