@@ -407,14 +407,24 @@ def test_uniform_dequantization():
 
 @pytest.fixture(scope='module')
 def variational():
-  """A perturbed VariationalDequantization (2 steps), its jitted directions, an image batch."""
+  """A perturbed VariationalDequantization (2 steps), its jitted directions, an image batch.
+
+  `sample_u` / `with_eps` return `(y, log_det)` of `forward` and `(u, log q(u|x))` of
+  `sample_u_and_log_q`, with the same key or `eps` for both.
+  """
   deq = VariationalDequantization(num_bits=8, steps=2, context_channels=8)
   x = int_images(0, (2, 4, 4, 3))
   variables = perturb(init(deq, x), 2, scale=0.05)
+
+  def forward_and_u(xb, key=None, eps=None):
+    rngs = None if key is None else {'noise': key}
+    y, ld = deq.apply(variables, xb, eps=eps, rngs=rngs, method='forward')
+    u_log_q = deq.apply(variables, xb, eps=eps, rngs=rngs, method='sample_u_and_log_q')
+    return y, ld, u_log_q
+
   fns = dict(
-      sample_u=jax.jit(lambda xb, key: deq.apply(variables, xb, return_u=True,
-                                                 rngs={'noise': key})),
-      with_eps=jax.jit(lambda xb, e: deq.apply(variables, xb, eps=e, return_u=True)),
+      sample_u=jax.jit(lambda xb, key: forward_and_u(xb, key=key)),
+      with_eps=jax.jit(lambda xb, e: forward_and_u(xb, eps=e)),
       inverse=jax.jit(lambda y, xi: deq.apply(variables, y, inverse=True, x_int=xi)),
       floor=jax.jit(lambda y: deq.apply(variables, y, inverse=True)))
   return deq, variables, x, fns
@@ -424,7 +434,10 @@ def test_variational_dequantization_round_trip_and_log_dets(variational):
   deq, variables, x, fns = variational
   y, ld, (u, log_q) = fns['sample_u'](x, jax.random.key(3))
   assert y.shape == x.shape and ld.shape == (2,)
+  assert u.shape == x.shape and log_q.shape == (2,)
   assert float(jnp.min(u)) > 0 and float(jnp.max(u)) < 1
+  # sample_u_and_log_q returns the u that forward used (same key).
+  np.testing.assert_allclose(y, (x + np.asarray(u)) / 256, rtol=1e-6)
   # floor(2^bits y) recovers the integer image exactly.
   np.testing.assert_array_equal(np.floor(np.asarray(y) * 256).astype(np.int64), x)
   x_back, ld_floor = fns['floor'](y)
@@ -448,7 +461,8 @@ def test_variational_dequantization_log_q_matches_jacobian(variational):
   eps = normal(6, (2, 2, 2, 12))
 
   def u_of(e, xi):   # one example: eps (2, 2, 12) -> u (4, 4, 3), flattened
-    return deq.apply(variables, xi[None], eps=e[None], return_u=True)[2][0].reshape(-1)
+    u, _ = deq.apply(variables, xi[None], eps=e[None], method='sample_u_and_log_q')
+    return u[0].reshape(-1)
 
   jac = jax.jit(jax.vmap(jax.jacrev(u_of)))(eps, x).reshape(2, 48, 48)
   sign, log_det = np.linalg.slogdet(np.asarray(jac, np.float64))

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from denseflow_jax.nets import (BatchNorm, ConditionalCouplingNet, ContextNet, Conv1x1, Conv3x3,
-                                DenseBlock, DenseFlowCouplingNet, GatedConv1x1, GlowCouplingNet,
-                                NoiseNet, NystromAttention, conv3x3, iterative_pinv,
+from denseflow_jax.nets import (BatchNorm, ConditionalCouplingNet, ContextNet, Conv3x3, DenseBlock,
+                                DenseFlowCouplingNet, GatedConv1x1, GlowCouplingNet, NoiseNet,
+                                NystromAttention, PointwiseConv, conv3x3, iterative_pinv,
                                 nystrom_kernel)
 
 
@@ -100,13 +100,13 @@ def test_conv3x3_gradient_under_jit_and_in_the_module():
 
 def test_conv_layers_use_pytorch_default_init():
   x = normal(0, (1, 4, 4, 6))
-  k1 = init(Conv1x1(5), x)['params']
+  k1 = init(PointwiseConv(5), x)['params']
   k3 = init(Conv3x3(5), x)['params']
   assert np.max(np.abs(k1['kernel'])) <= 1 / math.sqrt(6)
   assert np.max(np.abs(k3['kernel'])) <= 1 / math.sqrt(54)
   assert np.max(np.abs(k3['bias'])) <= 1 / math.sqrt(54)
   assert np.std(k3['kernel']) > 0.5 / math.sqrt(3 * 54)   # roughly uniform over the interval
-  zero = init(Conv1x1(5, zero_init=True), x)['params']
+  zero = init(PointwiseConv(5, zero_init=True), x)['params']
   assert not np.any(zero['kernel']) and not np.any(zero['bias'])
 
 
