@@ -10,9 +10,16 @@ BatchNorm (coupling-net fusion only): `train=True` uses batch statistics and upd
 `batch_stats` collection (pass `mutable=['batch_stats']`); `train=False` (the default, and always
 when sampling) uses the running averages, so `log_prob` in eval mode is a deterministic function
 of the input and the `noise` rng.
+
+Random draws: the public methods are traced with `jax.threefry_partitionable(False)` unless
+the caller chose a value (see `fast_rng`). PRNG keys may be typed (`jax.random.key`) or raw
+`uint32[2]` (`jax.random.PRNGKey`).
 """
+import contextlib
+import dataclasses
 import functools
 import math
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -37,17 +44,51 @@ from denseflow_jax.config_check import ModelPlan, plan_model
 Latents = Dict[str, Any]
 
 
-def fast_rng(method):
-  """Traces `method` with non-partitionable threefry (`jax.threefry_partitionable(False)`).
+_THREEFRY_ENV = 'JAX_THREEFRY_PARTITIONABLE'
+try:  # private: the only way to see an enclosing `with jax.threefry_partitionable(...)`
+  from jax._src import config as _jax_config
+  _THREEFRY_STATE, _UNSET = _jax_config.threefry_partitionable, _jax_config.config_ext.unset
+except (ImportError, AttributeError):
+  _THREEFRY_STATE = _UNSET = None
 
-  With jax 0.12 on XLA:CPU the partitionable threefry lowering of `jax.random.normal` /
-  `uniform` compiles very slowly (about 6-9 s per draw shape here, against 0.3-0.5 s), which
-  made the tiny model's `init` compile take minutes. The flag only changes how random bits are
-  derived from a key; draws stay deterministic per key and independent of the device count.
+
+def threefry_mode_chosen() -> bool:
+  """Whether the caller chose a `jax_threefry_partitionable` value that `fast_rng` can see.
+
+  True inside a `with jax.threefry_partitionable(...)` block (either value), after a global
+  `jax.config.update('jax_threefry_partitionable', False)`, or when the environment variable
+  `JAX_THREEFRY_PARTITIONABLE` is set. A global update to `True` is JAX's default value and
+  cannot be told apart from it: use the context manager to ask for partitionable draws.
+  """
+  if _THREEFRY_ENV in os.environ:
+    return True
+  if _THREEFRY_STATE is not None and _THREEFRY_STATE.get_local() is not _UNSET:
+    return True
+  return not jax.config.jax_threefry_partitionable
+
+
+def rng_mode():
+  """The context `fast_rng` traces under: `jax.threefry_partitionable(False)`, or nothing when
+  `threefry_mode_chosen()`."""
+  if threefry_mode_chosen():
+    return contextlib.nullcontext()
+  return jax.threefry_partitionable(False)
+
+
+def fast_rng(method):
+  """Traces `method` with non-partitionable threefry unless the caller chose a mode.
+
+  By default the wrapped method runs under `jax.threefry_partitionable(False)`: with jax 0.12
+  on XLA:CPU the partitionable threefry lowering of `jax.random.normal` / `uniform` compiles
+  much more slowly, which made the tiny model's `init` compile take minutes. When the caller
+  chose a value (`threefry_mode_chosen`, e.g. `with jax.threefry_partitionable(True): ...`),
+  that value is kept. The flag only changes how random bits are derived from a key: draws
+  stay deterministic per key and independent of the device count, but the two modes give
+  different draws for the same key.
   """
   @functools.wraps(method)
   def wrapped(*args, **kwargs):
-    with jax.threefry_partitionable(False):
+    with rng_mode():
       return method(*args, **kwargs)
   return wrapped
 
@@ -59,6 +100,7 @@ class GlowModule(nn.Module):
   ActNorm, 1x1 conv and coupling as the scanned output `(3, N)`.
   """
   cfg: ml_collections.ConfigDict
+  _: dataclasses.KW_ONLY
   mid_channels: int
   inverse: bool = False
   train: bool = False
@@ -70,11 +112,13 @@ class GlowModule(nn.Module):
     c = h.shape[-1]
     c2 = c // 2
     if cfg.coupling == 'denseflow':
-      net = DenseFlowCouplingNet(2 * c2, self.mid_channels, cfg.dense_depth, cfg.dense_growth,
-                                 cfg.num_landmarks, cfg.pinv_iterations, cfg.attention_layout,
-                                 cfg.bn_momentum, cfg.bn_epsilon, name='coupling_net')
+      net = DenseFlowCouplingNet(
+          2 * c2, self.mid_channels, dense_depth=cfg.dense_depth, dense_growth=cfg.dense_growth,
+          num_landmarks=cfg.num_landmarks, pinv_iterations=cfg.pinv_iterations,
+          attention_layout=cfg.attention_layout, bn_momentum=cfg.bn_momentum,
+          bn_epsilon=cfg.bn_epsilon, name='coupling_net')
     else:
-      net = GlowCouplingNet(2 * c2, cfg.glow_hidden, name='coupling_net')
+      net = GlowCouplingNet(2 * c2, hidden=cfg.glow_hidden, name='coupling_net')
     conv_cls = LUConv1x1 if cfg.conv1x1 == 'lu' else Conv1x1
     actnorm, conv, coupling = ActNorm(name='actnorm'), conv_cls(name='conv1x1'), AffineCoupling(
         net, name='coupling')
@@ -98,8 +142,10 @@ class Unit(nn.Module):
 
   Parameters carry a leading axis of length `num_modules` (module order = data -> latent).
   `remat=True` rematerialises each module in the backward pass (memory for compute).
+  `num_modules` and `mid_channels` are keyword-only.
   """
   cfg: ml_collections.ConfigDict
+  _: dataclasses.KW_ONLY
   num_modules: int
   mid_channels: int
 
@@ -109,8 +155,8 @@ class Unit(nn.Module):
     scan = nn.scan(body, variable_axes={'params': 0, 'batch_stats': 0},
                    split_rngs={'params': True}, length=self.num_modules, reverse=inverse)
     total = jnp.zeros((h.shape[0],), h.dtype)
-    (h, total), per_module = scan(self.cfg, self.mid_channels, inverse, train and not inverse,
-                                  name='modules')((h, total), None)
+    (h, total), per_module = scan(self.cfg, mid_channels=self.mid_channels, inverse=inverse,
+                                  train=train and not inverse, name='modules')((h, total), None)
     self.sow('intermediates', 'module_log_dets', per_module)
     return h, total
 
@@ -126,7 +172,8 @@ class FlowBlock(nn.Module):
 
   def _unit(self, j: int) -> Unit:
     b = self.block_index
-    return Unit(self.cfg, self.cfg.layers_conf[b], self.cfg.mid_channels[b], name=f'unit_{j}')
+    return Unit(self.cfg, num_modules=self.cfg.layers_conf[b],
+                mid_channels=self.cfg.mid_channels[b], name=f'unit_{j}')
 
   def _augment(self, j: int) -> CrossUnitCoupling:
     cfg = self.cfg
@@ -176,8 +223,8 @@ class DenseFlow(nn.Module):
     self.plan: ModelPlan = plan_model(self.config)
     cfg = self.config
     if cfg.dequantization == 'variational':
-      self.dequantizer = VariationalDequantization(cfg.num_bits, cfg.deq_steps,
-                                                   cfg.deq_context_channels)
+      self.dequantizer = VariationalDequantization(num_bits=cfg.num_bits, steps=cfg.deq_steps,
+                                                   context_channels=cfg.deq_context_channels)
     else:
       self.dequantizer = UniformDequantization(cfg.num_bits)
     self.blocks = [FlowBlock(cfg, b) for b in range(len(cfg.block_conf))]
@@ -359,11 +406,12 @@ def init_variables(model: DenseFlow, rng: jax.Array, x: Array) -> Dict[str, Any]
   The init program runs once, so it is compiled with XLA's backend optimisation level 0 (its
   compile time is dominated by the ~hundreds of random initialisers, not by run time). ActNorm
   is initialised from `x` (data-dependent init). `rng` is split into the `params` and `noise`
-  streams. Equivalent to `model.init({'params': k1, 'noise': k2}, x)`.
+  streams. Equivalent to `model.init({'params': k1, 'noise': k2}, x)`. `rng` may be a typed
+  (`jax.random.key`) or raw key; random bits follow `fast_rng`'s rule.
   """
   k_params, k_noise = jax.random.split(rng)
   rngs = {'params': k_params, 'noise': k_noise}
-  with jax.threefry_partitionable(False):
+  with rng_mode():
     lowered = jax.jit(model.init).lower(rngs, x)
   compiled = lowered.compile(compiler_options={'xla_backend_optimization_level': 0})
   return dict(compiled(rngs, x))

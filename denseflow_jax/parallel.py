@@ -27,6 +27,10 @@ slice of every global batch (`denseflow_jax.data` with `process_index/process_co
 `shard_batch` assembles the global array with `jax.make_array_from_process_local_data`. The
 mesh lists devices sorted by id, so process p's devices hold rows [p B/P, (p+1) B/P) of the
 global batch, which is exactly the slice `data.py` gives process p.
+
+PRNG keys may be typed (`jax.random.key`, dtype `key<...>`) or raw `uint32` arrays
+(`jax.random.PRNGKey`): `shard_batch`, `replicate`, `to_host` and `ShardedModel` move typed keys
+through their `jax.random.key_data` and give back typed keys of the same implementation.
 """
 import math
 import os
@@ -106,6 +110,17 @@ def check_divisible(global_batch: int, mesh: Mesh, what: str = 'batch size') -> 
                      f'(every device needs the same number of examples)')
 
 
+def _is_typed_key(x: Any) -> bool:
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _through_key_data(fn, x: Any) -> Any:
+  """`fn(x)`, or for a typed key `wrap_key_data(fn(key_data(x)))` with the same key impl."""
+  if _is_typed_key(x):
+    return jax.random.wrap_key_data(fn(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+  return fn(x)
+
+
 def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
   """This process's rows (numpy, leading axis B/P) -> global jax.Array(s) sharded on 'data'.
 
@@ -121,7 +136,7 @@ def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
                        f'{local_devices} local devices')
     return jax.make_array_from_process_local_data(sharding, x)
 
-  return jax.tree.map(put, local_batch)
+  return jax.tree.map(lambda x: _through_key_data(put, x), local_batch)
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -131,20 +146,24 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   def put(x):
     if isinstance(x, jax.Array) and x.sharding == sharding:
       return x
-    return jax.make_array_from_process_local_data(sharding, np.asarray(x), np.shape(x))
+    return _through_key_data(
+        lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a), np.shape(a)), x)
 
   return jax.tree.map(put, tree)
 
 
 def to_host(tree: PyTree) -> PyTree:
-  """Global arrays -> numpy on every process (all-gathers sharded arrays across hosts)."""
+  """Global arrays -> numpy on every process (all-gathers sharded arrays across hosts).
+
+  numpy has no key dtype: typed keys come back as typed keys on the default device.
+  """
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       if x.sharding.is_fully_replicated:
         return np.asarray(x.addressable_data(0))
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-  return jax.tree.map(get, tree)
+  return jax.tree.map(lambda x: _through_key_data(get, x), tree)
 
 
 class ShardedModel:
@@ -200,10 +219,13 @@ class ShardedModel:
     return shard_batch(np.asarray(x), self.mesh)
 
   def _key(self, rng: Any) -> jax.Array:
-    """A PRNG key (uint32[2]) as a replicated global array (same key on every process)."""
+    """A PRNG key (typed, or raw uint32[2]) as a replicated global array (same on every process).
+
+    Typed and raw keys with the same key data give the same draws.
+    """
     if isinstance(rng, jax.Array) and rng.sharding == self._rep:
       return rng
-    return replicate(np.asarray(rng), self.mesh)
+    return replicate(rng, self.mesh)
 
   def variables(self, variables: Dict[str, PyTree]) -> Dict[str, PyTree]:
     """Replicates {'params', 'batch_stats'} over the mesh."""

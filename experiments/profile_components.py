@@ -240,7 +240,8 @@ def profile_batch(batch: int, peak: float) -> Dict[str, Any]:
   h2, w2 = cfg.image_size // 2, cfg.image_size // 2
   c4 = 4 * cfg.num_channels
   eps = jax.random.normal(key, (batch, h2, w2, c4), jnp.float32)
-  deq = VariationalDequantization(cfg.num_bits, cfg.deq_steps, cfg.deq_context_channels)
+  deq = VariationalDequantization(num_bits=cfg.num_bits, steps=cfg.deq_steps,
+                                  context_channels=cfg.deq_context_channels)
   prof.module('dequantizer (all)', 1, deq, x_int, float_input=False, extra={'eps': eps})
   prof.module('  context net', 1, ContextNet(cfg.num_bits, cfg.deq_context_channels), x_int,
               float_input=False, parent='dequantizer (all)')
@@ -254,19 +255,22 @@ def profile_batch(batch: int, peak: float) -> Dict[str, Any]:
     for j, cu in enumerate(bp.unit_channels):
       h = jax.random.normal(key, (batch, s, s, cu), jnp.float32)
       unit_name = f'block {b} unit {j}: {mods} modules at {s}x{s}x{cu}'
-      prof.module(unit_name, 1, Unit(cfg, mods, m), h, train=True)
+      prof.module(unit_name, 1, Unit(cfg, num_modules=mods, mid_channels=m), h, train=True)
       c1 = cu - cu // 2
       xc = jax.random.normal(key, (batch, s, s, c1), jnp.float32)
-      net = DenseFlowCouplingNet(2 * (cu // 2), m, cfg.dense_depth, cfg.dense_growth,
-                                 cfg.num_landmarks, cfg.pinv_iterations, cfg.attention_layout)
+      net = DenseFlowCouplingNet(
+          2 * (cu // 2), m, dense_depth=cfg.dense_depth, dense_growth=cfg.dense_growth,
+          num_landmarks=cfg.num_landmarks, pinv_iterations=cfg.pinv_iterations,
+          attention_layout=cfg.attention_layout)
       prof.module(f'  coupling net {s}x{s} {c1}->{2 * (cu // 2)}', mods, net, xc, train=True,
                   parent=unit_name)
       hm = jax.random.normal(key, (batch, s, s, m), jnp.float32)
       prof.module(f'    dense block {s}x{s} m={m}', mods,
                   DenseBlock(m, cfg.dense_depth, cfg.dense_growth), hm, parent='coupling net')
       prof.module(f'    attention {s}x{s} m={m}', mods,
-                  NystromAttention(m, cfg.num_landmarks, cfg.pinv_iterations,
-                                   cfg.attention_layout), hm, parent='coupling net')
+                  NystromAttention(m, num_landmarks=cfg.num_landmarks,
+                                   iterations=cfg.pinv_iterations,
+                                   layout=cfg.attention_layout), hm, parent='coupling net')
       if j >= 1 and cfg.augment:
         cc = bp.in_channels + sum(bp.unit_channels[:j - 1])
         cond = jax.random.normal(key, (batch, s, s, cc), jnp.float32)

@@ -22,7 +22,7 @@ import pytest
 from denseflow_jax.bijectors import (ActNorm, AffineCoupling, Chain, ChannelSwap, Conv1x1,
                                      CrossUnitCoupling, LUConv1x1, Logit, ShiftScale, Sigmoid,
                                      Squeeze, SqueezeAndDrop, UniformDequantization, Unsqueeze,
-                                     VariationalDequantization, squeeze2x2)
+                                     VariationalDequantization, squeeze2x2, to_distrax)
 from denseflow_jax.nets import GlowCouplingNet, NoiseNet
 
 FIXED = ('perm', 'sign_s')  # LUConv1x1 parameters that never change (not perturbed)
@@ -224,6 +224,115 @@ def test_distrax_style_aliases():
   np.testing.assert_allclose(ld + ld_inv, 0.0, atol=1e-4)
 
 
+# ------------------------------------------------------------ Chain order and distrax interop
+def _affine_then_sigmoid():
+  """`Chain([ShiftScale(1, 2), Sigmoid()])`: y = sigmoid(2 (x + 1)); the order matters."""
+  return Chain([ShiftScale(shift=1.0, scale=2.0), Sigmoid()])
+
+
+def test_chain_applies_its_list_in_order_and_reverses_it_on_inverse():
+  x = normal(0, (2, 3, 3, 2))
+  chain = _affine_then_sigmoid()
+  y, ld = chain.apply({}, x, method='forward')
+  x64 = np.asarray(x, np.float64)
+  h = 2.0 * (x64 + 1.0)
+  np.testing.assert_allclose(y, 1 / (1 + np.exp(-h)), rtol=1e-5)
+  expected = 18 * math.log(2.0) + np.sum(-np.logaddexp(0, -h) - np.logaddexp(0, h),
+                                         axis=(1, 2, 3))
+  np.testing.assert_allclose(ld, expected, rtol=1e-5)
+  # The other order is a different map.
+  y_rev, _ = Chain([Sigmoid(), ShiftScale(shift=1.0, scale=2.0)]).apply({}, x, method='forward')
+  assert float(jnp.max(jnp.abs(y_rev - y))) > 0.1
+  # inverse = members' inverses in reverse order: logit first, then undo the affine map.
+  x_back, ld_inv = chain.apply({}, y, method='inverse')
+  np.testing.assert_allclose(x_back, x, atol=1e-4)
+  np.testing.assert_allclose(ld_inv, -expected, rtol=1e-4)
+
+
+@pytest.fixture(scope='module')
+def distrax():
+  return pytest.importorskip('distrax')
+
+
+def test_chain_order_matches_distrax(distrax):
+  """Ours `Chain([a, b])` (data -> latent, list order) == `distrax.Chain([B, A])`."""
+  x = normal(0, (2, 3, 3, 2))
+  y, ld = _affine_then_sigmoid().apply({}, x, method='forward')
+  native = distrax.Block(distrax.Chain([distrax.Sigmoid(),
+                                        distrax.ScalarAffine(shift=2.0, scale=2.0)]), 3)
+  y_d, ld_d = native.forward_and_log_det(x)
+  np.testing.assert_allclose(y, y_d, rtol=1e-6)
+  np.testing.assert_allclose(ld, ld_d, rtol=1e-5)
+  # Member by member through the adapter: reversed list for data -> latent, the same list for
+  # latent -> data.
+  chain = _affine_then_sigmoid()
+  members = [to_distrax(b, {}, direction='data_to_latent') for b in chain.bijectors]
+  normalizing = to_distrax(chain, {}, direction='data_to_latent')
+  for d_chain in (distrax.Chain(members[::-1]), normalizing):
+    y_a, ld_a = d_chain.forward_and_log_det(x)
+    np.testing.assert_allclose(y_a, y, rtol=1e-6)
+    np.testing.assert_allclose(ld_a, ld, rtol=1e-5)
+  generative = to_distrax(chain, {}, direction='latent_to_data')
+  same_order = distrax.Chain([to_distrax(b, {}, direction='latent_to_data')
+                              for b in chain.bijectors])
+  for d_chain in (generative, same_order):
+    x_a, ld_a = d_chain.forward_and_log_det(y)          # distrax forward = our inverse
+    np.testing.assert_allclose(x_a, x, atol=1e-4)
+    np.testing.assert_allclose(ld_a, -ld, rtol=1e-4)
+    y_a, ld_inv = d_chain.inverse_and_log_det(x)         # distrax inverse = our forward
+    np.testing.assert_allclose(y_a, y, rtol=1e-6)
+    np.testing.assert_allclose(ld_inv, ld, rtol=1e-5)
+
+
+def test_to_distrax_in_a_transformed_distribution(distrax):
+  """`distrax.Transformed(base, to_distrax(flow, direction='latent_to_data'))` is the flow's
+  density: log p(x) = log N(forward(x)) + forward log-det; sampling runs our inverse."""
+  case = BIJECTIONS['chain']
+  flow, variables, x, _ = case.setup()
+  y, ld = flow.apply(variables, x, method='forward')
+  latent_shape = y.shape[1:]
+  base = distrax.Independent(distrax.Normal(jnp.zeros(latent_shape), jnp.ones(latent_shape)), 3)
+  dist = distrax.Transformed(base, to_distrax(flow, variables, direction='latent_to_data'))
+  expected = std_normal_logpdf(y) + np.asarray(ld, np.float64)
+  np.testing.assert_allclose(dist.log_prob(x), expected, rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(dist.log_prob)(x), expected, rtol=1e-5)
+  key = jax.random.key(4)
+  samples = dist.sample(seed=key, sample_shape=2)
+  z = base.sample(seed=key, sample_shape=2)
+  np.testing.assert_allclose(samples, flow.apply(variables, z, method='inverse')[0], atol=1e-5)
+  # The members, each wrapped the same way, in the same list order.
+  members = [to_distrax(b, {'params': variables['params'][f'bijectors_{i}']}
+                        if f'bijectors_{i}' in variables.get('params', {}) else {},
+                        direction='latent_to_data')
+             for i, b in enumerate(flow.bijectors)]
+  by_members = distrax.Transformed(base, distrax.Chain(members))
+  np.testing.assert_allclose(by_members.log_prob(x), expected, rtol=1e-5)
+
+
+def test_to_distrax_batch_axes_and_arguments(distrax):
+  flow, variables, x, _ = BIJECTIONS['affine_coupling_context'].setup()
+  context = _context()['context']
+  wrapped = to_distrax(flow, variables, direction='data_to_latent', context=context)
+  y, ld = flow.apply(variables, x, method='forward', context=context)
+  y_d, ld_d = wrapped.forward_and_log_det(x)
+  np.testing.assert_allclose(y_d, y, rtol=1e-6)
+  np.testing.assert_allclose(ld_d, ld, rtol=1e-6)
+  np.testing.assert_allclose(wrapped.forward(x), y, rtol=1e-6)           # the value only
+  np.testing.assert_allclose(wrapped.inverse(y), x, atol=1e-5)
+  # No batch axis (one event) and two batch axes.
+  plain = to_distrax(ActNorm(), init(ActNorm(), x), direction='data_to_latent')
+  y1, ld1 = plain.forward_and_log_det(x[0])
+  assert y1.shape == x.shape[1:] and ld1.shape == ()
+  stacked = jnp.stack([x, 2 * x, 3 * x])
+  ys, lds = plain.forward_and_log_det(stacked)
+  assert ys.shape == stacked.shape and lds.shape == (3, 2)
+  np.testing.assert_allclose(ys[1], plain.forward(2 * x), rtol=1e-6)
+  with pytest.raises(ValueError, match="direction must be one of .*got 'forward'"):
+    to_distrax(ActNorm(), {}, direction='forward')
+  with pytest.raises(TypeError):
+    to_distrax(ActNorm(), {})                                            # no default direction
+
+
 # ------------------------------------------------------------------ specific layer behaviour
 def test_actnorm_data_dependent_init_uses_unbiased_std():
   x = 3.0 + 2.0 * normal(0, (4, 3, 5, 6))
@@ -407,14 +516,24 @@ def test_uniform_dequantization():
 
 @pytest.fixture(scope='module')
 def variational():
-  """A perturbed VariationalDequantization (2 steps), its jitted directions, an image batch."""
+  """A perturbed VariationalDequantization (2 steps), its jitted directions, an image batch.
+
+  `sample_u` / `with_eps` return `(y, log_det)` of `forward` and `(u, log q(u|x))` of
+  `sample_u_and_log_q`, with the same key or `eps` for both.
+  """
   deq = VariationalDequantization(num_bits=8, steps=2, context_channels=8)
   x = int_images(0, (2, 4, 4, 3))
   variables = perturb(init(deq, x), 2, scale=0.05)
+
+  def forward_and_u(xb, key=None, eps=None):
+    rngs = None if key is None else {'noise': key}
+    y, ld = deq.apply(variables, xb, eps=eps, rngs=rngs, method='forward')
+    u_log_q = deq.apply(variables, xb, eps=eps, rngs=rngs, method='sample_u_and_log_q')
+    return y, ld, u_log_q
+
   fns = dict(
-      sample_u=jax.jit(lambda xb, key: deq.apply(variables, xb, return_u=True,
-                                                 rngs={'noise': key})),
-      with_eps=jax.jit(lambda xb, e: deq.apply(variables, xb, eps=e, return_u=True)),
+      sample_u=jax.jit(lambda xb, key: forward_and_u(xb, key=key)),
+      with_eps=jax.jit(lambda xb, e: forward_and_u(xb, eps=e)),
       inverse=jax.jit(lambda y, xi: deq.apply(variables, y, inverse=True, x_int=xi)),
       floor=jax.jit(lambda y: deq.apply(variables, y, inverse=True)))
   return deq, variables, x, fns
@@ -424,7 +543,10 @@ def test_variational_dequantization_round_trip_and_log_dets(variational):
   deq, variables, x, fns = variational
   y, ld, (u, log_q) = fns['sample_u'](x, jax.random.key(3))
   assert y.shape == x.shape and ld.shape == (2,)
+  assert u.shape == x.shape and log_q.shape == (2,)
   assert float(jnp.min(u)) > 0 and float(jnp.max(u)) < 1
+  # sample_u_and_log_q returns the u that forward used (same key).
+  np.testing.assert_allclose(y, (x + np.asarray(u)) / 256, rtol=1e-6)
   # floor(2^bits y) recovers the integer image exactly.
   np.testing.assert_array_equal(np.floor(np.asarray(y) * 256).astype(np.int64), x)
   x_back, ld_floor = fns['floor'](y)
@@ -448,7 +570,8 @@ def test_variational_dequantization_log_q_matches_jacobian(variational):
   eps = normal(6, (2, 2, 2, 12))
 
   def u_of(e, xi):   # one example: eps (2, 2, 12) -> u (4, 4, 3), flattened
-    return deq.apply(variables, xi[None], eps=e[None], return_u=True)[2][0].reshape(-1)
+    u, _ = deq.apply(variables, xi[None], eps=e[None], method='sample_u_and_log_q')
+    return u[0].reshape(-1)
 
   jac = jax.jit(jax.vmap(jax.jacrev(u_of)))(eps, x).reshape(2, 48, 48)
   sign, log_det = np.linalg.slogdet(np.asarray(jac, np.float64))
@@ -534,6 +657,13 @@ def test_odd_spatial_size_is_rejected(module):
 def test_unsqueeze_needs_channels_divisible_by_four():
   _raises(lambda: Unsqueeze().apply({}, jnp.zeros((2, 2, 2, 6))), 'divisible by 4',
           '(2, 2, 2, 6)')
+
+
+def test_dequantization_hyperparameters_are_keyword_only():
+  with pytest.raises(TypeError):
+    VariationalDequantization(8, 4, 64)
+  deq = VariationalDequantization(num_bits=5, steps=1, context_channels=4)
+  assert (deq.num_bits, deq.steps, deq.context_channels) == (5, 1, 4)
 
 
 def test_bad_noise_shapes_are_rejected():

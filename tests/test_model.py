@@ -6,8 +6,10 @@ on the 8x8 one-channel "digits" shape. Forward-only programs of the tiny model a
 XLA's backend optimisation level 0 (`compile_once`): a third faster to compile, about as fast
 to run (backward passes are not: they run several times slower at level 0).
 """
+import hashlib
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ import pytest
 from configs import default, denseflow_45_6, denseflow_74_10, tiny
 from denseflow_jax import DenseFlow
 from denseflow_jax.config_check import plan_model
-from denseflow_jax.model import init_variables
+from denseflow_jax.model import fast_rng, init_variables, threefry_mode_chosen
 
 DEQUANTIZER_PARAMS = 2_395_784
 
@@ -116,16 +118,31 @@ def test_tiny_samples(tiny_flow):
                                     method=model.sample),
       variables, jax.random.key(0), jnp.float32(1.0))
   results = {}
-  for t in (0.5, 0.8, 1.0):
+  for t in (0.0, 0.5, 0.8, 1.0):
     s = sample(variables, jax.random.key(3), jnp.float32(t))
     assert s.dtype == jnp.uint8 and s.shape == (4, 32, 32, 3)
-    assert 0 <= int(s.min()) and int(s.max()) <= 255
-    assert float(np.std(np.asarray(s, np.float32))) > 1.0        # not a constant image
-    results[t] = np.asarray(s)
+    results[t] = np.asarray(s, np.float64)
+  assert np.std(results[1.0]) > 1.0                               # not a constant image
   np.testing.assert_array_equal(sample(variables, jax.random.key(3), jnp.float32(0.8)),
                                 results[0.8])
-  assert np.any(results[0.5] != results[1.0])
   assert np.any(sample(variables, jax.random.key(4), jnp.float32(0.8)) != results[0.8])
+  # T = 0 zeroes every Gaussian draw (the base latent and each dropped half): the 4 samples are
+  # one image, the same for every key.
+  s0, s1 = results[0.0], results[1.0]
+  assert np.all(s0 == s0[:1])
+  np.testing.assert_array_equal(sample(variables, jax.random.key(4), jnp.float32(0.0)), s0)
+  # Freshly initialised, every coupling is the identity (zero-initialised last conv), so the
+  # inverse pass is affine in the draws and the sample is floor(256 (c + T d)) with the same
+  # c, d for one key. Where no pixel is clipped, s_T - s_0 - T (s_1 - s_0) is a sum of floor
+  # residues, inside (-1, 1): T scales the draws linearly.
+  inside = np.ones(s0.shape, bool)
+  for r in results.values():
+    inside &= (r > 0) & (r < 255)
+  assert inside.mean() > 0.5
+  assert np.abs(s1 - s0)[inside].max() > 10                      # the draws matter
+  for t in (0.5, 0.8):
+    residue = (results[t] - s0 - t * (s1 - s0))[inside]
+    assert np.abs(residue).max() < 1.01, (t, np.abs(residue).max())
 
 
 def test_fresh_tiny_model_on_cifar10_bits_per_dim_and_gradients(tiny_flow, cifar_test_images):
@@ -153,6 +170,30 @@ def test_fresh_tiny_model_on_cifar10_bits_per_dim_and_gradients(tiny_flow, cifar
   assert all(bool(jnp.all(jnp.isfinite(s))) for s in jax.tree.leaves(batch_stats))
   moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), batch_stats, variables['batch_stats'])
   assert all(jax.tree.leaves(moved))       # training mode updated every running statistic
+
+
+# The parameter tree of configs/tiny.py: (path, shape, dtype) of every variable. Published
+# weights are converted by path (official.state_dict_layout) and checkpoints store paths, so a
+# refactor must not change it (e.g. a class rename that changes a flax auto-name).
+TINY_TREE = (373, '830fd22b2aee3d76337001a449258cadccc2caa4e2bdcc603d79fee23b89dde9')
+
+
+def test_tiny_parameter_tree_is_unchanged():
+  model = DenseFlow(tiny.get_config().model)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.uint8)
+  rngs = {'params': jax.random.key(0), 'noise': jax.random.key(1)}
+  flat = flax.traverse_util.flatten_dict(jax.eval_shape(lambda xb: model.init(rngs, xb), x),
+                                         sep='/')
+  lines = sorted(f'{k} {tuple(a.shape)} {a.dtype}' for k, a in flat.items())
+  for path in ('params/dequantizer/mix_0/kernel',
+               'params/dequantizer/context_net/dense_in/layer_0/conv1x1/kernel',
+               'params/blocks_0/unit_0/modules/conv1x1/kernel',
+               'params/blocks_0/unit_0/modules/coupling_net/fusion/attention/qkv/kernel',
+               'params/blocks_0/unit_0/modules/coupling_net/fusion/mix/kernel',
+               'params/blocks_0/noise_net_1/conv_out/kernel',
+               'batch_stats/blocks_0/unit_0/modules/coupling_net/fusion/bn/mean'):
+    assert path in flat, path
+  assert (len(lines), hashlib.sha256('\n'.join(lines).encode()).hexdigest()) == TINY_TREE
 
 
 # ----------------------------------------------------------------- small model, digits shape
@@ -267,6 +308,63 @@ def test_iwbo_arguments_are_checked(digits_flow):
     model.apply(variables, x, 6, 4, rngs={'noise': jax.random.key(0)}, method=model.iwbo)
   with pytest.raises(ValueError, match='positive number of draws, got k=0'):
     model.apply(variables, x, 0, rngs={'noise': jax.random.key(0)}, method=model.iwbo)
+
+
+# ---------------------------------------------------------------------------- random bits
+@fast_rng
+def _draw(key):
+  return jax.random.normal(key, (16,)), jax.config.jax_threefry_partitionable
+
+
+def test_fast_rng_respects_a_callers_threefry_choice(monkeypatch):
+  """Non-partitionable threefry by default; a choice the caller made is kept."""
+  monkeypatch.delenv('JAX_THREEFRY_PARTITIONABLE', raising=False)
+  key = jax.random.key(0)
+  with jax.threefry_partitionable(False):
+    non_partitionable = np.asarray(jax.random.normal(key, (16,)))
+  with jax.threefry_partitionable(True):
+    partitionable = np.asarray(jax.random.normal(key, (16,)))
+  assert np.any(non_partitionable != partitionable)      # the modes differ for this key
+  previous = jax.config.jax_threefry_partitionable
+  jax.config.update('jax_threefry_partitionable', True)   # JAX's default
+  try:
+    assert not threefry_mode_chosen()
+    draws, mode = _draw(key)
+    assert mode is False
+    np.testing.assert_array_equal(draws, non_partitionable)
+    for explicit, expected in ((True, partitionable), (False, non_partitionable)):
+      with jax.threefry_partitionable(explicit):
+        assert threefry_mode_chosen()
+        draws, mode = _draw(key)
+        assert mode is explicit
+        np.testing.assert_array_equal(draws, expected)
+        np.testing.assert_array_equal(jax.jit(lambda k: _draw(k)[0])(key), expected)
+    monkeypatch.setenv('JAX_THREEFRY_PARTITIONABLE', '1')   # set in the environment
+    assert threefry_mode_chosen()
+    np.testing.assert_array_equal(_draw(key)[0], partitionable)
+    monkeypatch.delenv('JAX_THREEFRY_PARTITIONABLE')
+    jax.config.update('jax_threefry_partitionable', False)  # a global choice
+    assert threefry_mode_chosen()
+    np.testing.assert_array_equal(_draw(key)[0], non_partitionable)
+  finally:
+    jax.config.update('jax_threefry_partitionable', previous)
+
+
+def test_model_methods_keep_a_callers_threefry_choice(digits_flow, monkeypatch):
+  monkeypatch.delenv('JAX_THREEFRY_PARTITIONABLE', raising=False)
+  cfg, model, variables, _ = digits_flow
+
+  def samples():
+    return np.asarray(jax.jit(lambda v, k: model.apply(v, 2, rngs={'noise': k},
+                                                       method=model.sample))(
+        variables, jax.random.key(2)))
+
+  default = samples()
+  with jax.threefry_partitionable(False):
+    np.testing.assert_array_equal(samples(), default)
+  with jax.threefry_partitionable(True):
+    partitionable = samples()
+  assert np.any(partitionable != default)
 
 
 # ----------------------------------------------------------------- other shapes and ablations

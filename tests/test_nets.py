@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from denseflow_jax.nets import (BatchNorm, ConditionalCouplingNet, ContextNet, Conv1x1, Conv3x3,
-                                DenseBlock, DenseFlowCouplingNet, GatedConv1x1, GlowCouplingNet,
-                                NoiseNet, NystromAttention, conv3x3, iterative_pinv,
+from denseflow_jax import bijectors, nets
+from denseflow_jax.nets import (BatchNorm, ConditionalCouplingNet, ContextNet, Conv3x3, DenseBlock,
+                                DenseFlowCouplingNet, GatedConv1x1, GlowCouplingNet, NoiseNet,
+                                NystromAttention, PointwiseConv, conv3x3, iterative_pinv,
                                 nystrom_kernel)
 
 
@@ -100,13 +101,13 @@ def test_conv3x3_gradient_under_jit_and_in_the_module():
 
 def test_conv_layers_use_pytorch_default_init():
   x = normal(0, (1, 4, 4, 6))
-  k1 = init(Conv1x1(5), x)['params']
+  k1 = init(PointwiseConv(5), x)['params']
   k3 = init(Conv3x3(5), x)['params']
   assert np.max(np.abs(k1['kernel'])) <= 1 / math.sqrt(6)
   assert np.max(np.abs(k3['kernel'])) <= 1 / math.sqrt(54)
   assert np.max(np.abs(k3['bias'])) <= 1 / math.sqrt(54)
   assert np.std(k3['kernel']) > 0.5 / math.sqrt(3 * 54)   # roughly uniform over the interval
-  zero = init(Conv1x1(5, zero_init=True), x)['params']
+  zero = init(PointwiseConv(5, zero_init=True), x)['params']
   assert not np.any(zero['kernel']) and not np.any(zero['bias'])
 
 
@@ -290,6 +291,36 @@ def test_denseflow_coupling_net_train_mode_updates_batch_stats():
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), updates['batch_stats'],
                          variables['batch_stats'])
   assert all(jax.tree.leaves(changed))
+
+
+def test_hyperparameters_after_the_channel_counts_are_keyword_only():
+  """Two ints in the wrong order would build a different, valid-looking net: not allowed."""
+  for make in (lambda: DenseFlowCouplingNet(6, 8, 2, 8),
+               lambda: NystromAttention(8, 4, 6),
+               lambda: nets.DenseAttentionFusion(8, 2, 8),
+               lambda: GlowCouplingNet(6, 8),
+               lambda: ConditionalCouplingNet(4, 8),
+               lambda: ContextNet(8, 16, 4),
+               lambda: BatchNorm(0.9, 1e-5),
+               lambda: PointwiseConv(4, False)):
+    with pytest.raises(TypeError):
+      make()
+  net = DenseFlowCouplingNet(6, 8, num_landmarks=2, pinv_iterations=3, dense_depth=1)
+  assert (net.num_landmarks, net.pinv_iterations, net.dense_depth) == (2, 3, 1)
+  # The keywords reach the attention: 2 landmarks work where 4 cannot (H*W = 6).
+  x = normal(0, (1, 2, 3, 3))
+  assert init(DenseFlowCouplingNet(6, 8, num_landmarks=2, dense_depth=1), x)['params']
+  with pytest.raises(ValueError, match='num_landmarks=4'):
+    init(DenseFlowCouplingNet(6, 8, dense_depth=1), x)
+
+
+def test_one_conv1x1_name_per_concept():
+  """`bijectors.Conv1x1` is the invertible 1x1 conv; the plain layer is `nets.PointwiseConv`."""
+  assert not hasattr(nets, 'Conv1x1')
+  assert issubclass(bijectors.Conv1x1, bijectors.Bijector)
+  assert not issubclass(PointwiseConv, bijectors.Bijector)
+  params = init(PointwiseConv(5), normal(0, (1, 2, 2, 3)))['params']
+  assert params['kernel'].shape == (3, 5) and params['bias'].shape == (5,)
 
 
 def test_context_net_shape():

@@ -8,6 +8,13 @@ bijection `forward` and `inverse` log-dets sum to zero. Arrays are channels-last
 
 Bijectors accept and ignore conditioning keywords they do not use (`context`, `train`,
 `temperature`, ...), so a `Chain` can hand the same keywords to every member.
+
+Differences from distrax: our `forward` / `inverse` return `(value, log_det)` (distrax's
+return the value only; `forward_and_log_det` / `inverse_and_log_det` have the same meaning in
+both), and our `forward` is the normalizing direction, data -> latent, while
+`distrax.Transformed` pushes latents through its bijector's `forward`.
+`denseflow_jax.bijectors.to_distrax` wraps a bijector as a `distrax.Bijector` with the
+direction stated explicitly.
 """
 from typing import Any, Tuple
 

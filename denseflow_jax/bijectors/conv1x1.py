@@ -23,7 +23,9 @@ def _mix(x: Array, kernel: Array) -> Array:
 
 
 class Conv1x1(Bijector):
-  """Invertible 1x1 convolution `y = x @ kernel` on the channel axis.
+  """Invertible 1x1 convolution `y = x @ kernel` on the channel axis (a bijector).
+
+  The plain, non-invertible 1x1 convolution layer of the networks is `nets.PointwiseConv`.
 
   `kernel` is `(C, C)` in (in, out) order, i.e. the transpose of PyTorch's `weight`
   (`z = x @ W.T`). Initialised to a random orthogonal matrix. Forward log-det

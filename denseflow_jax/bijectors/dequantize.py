@@ -1,5 +1,6 @@
 """Dequantization: integer images -> continuous values in [0, 1)."""
-from typing import Any, Optional, Tuple
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -64,30 +65,36 @@ class VariationalDequantization(Bijector):
   `q(u|x)` is a conditional flow on the squeezed shape `(H/2, W/2, 4C)`: a per-channel Gaussian
   base (learned `base_loc`, `base_log_scale`), `steps` x [1x1 conv, conditional affine coupling
   whose net sees `concat(z1, context(x))`], a final 1x1 conv, unsqueeze and a sigmoid.
-  Forward: `log_det = D * ln_bin - log q(u|x)` with `ln_bin = -bits ln 2` rounded to float32
-  (as published). `eps` (the base's standard-normal draw, `(N, H/2, W/2, 4C)`) comes from the
-  `noise` rng or is passed in. `return_u=True` also returns `(u, log q(u|x))`.
+  Forward: `(y, log_det)` with `log_det = D * ln_bin - log q(u|x)`, `ln_bin = -bits ln 2`
+  rounded to float32 (as published). `eps` (the base's standard-normal draw,
+  `(N, H/2, W/2, 4C)`) comes from the `noise` rng or is passed in. `sample_u_and_log_q` returns
+  the draw itself, `(u, log q(u|x))`, for the same `eps`.
   Inverse floors and clips to `[0, 2^bits - 1]`; given the integer image as `x_int` it also
   evaluates `log q(u|x)` exactly (by inverting q) and returns the negated forward log-det.
+  The fields are keyword-only.
   """
+  _: dataclasses.KW_ONLY
   num_bits: int = 8
   steps: int = 4
   context_channels: int = 64
 
   @nn.compact
-  def __call__(self, x: Array, inverse: bool = False, *, eps: Optional[Array] = None,
-               x_int: Optional[Array] = None, return_u: bool = False, dtype=jnp.float32,
-               **unused: Any):
-    c4 = 4 * x.shape[-1]  # channels of the squeezed shape on which q runs
-    parts = dict(
+  def _q(self, channels: int) -> Dict[str, Any]:
+    """The parts of q on `channels` (= 4C) squeezed channels: nets, base parameters, steps."""
+    return dict(
         context_net=ContextNet(self.num_bits, self.context_channels, name='context_net'),
-        loc=self.param('base_loc', nn.initializers.zeros, (c4,)),
-        log_scale=self.param('base_log_scale', nn.initializers.zeros, (c4,)),
+        loc=self.param('base_loc', nn.initializers.zeros, (channels,)),
+        log_scale=self.param('base_log_scale', nn.initializers.zeros, (channels,)),
         mixers=[Conv1x1(name=f'mix_{k}') for k in range(self.steps + 1)],
-        couplings=[AffineCoupling(ConditionalCouplingNet(2 * (c4 // 2)), name=f'coupling_{k}')
-                   for k in range(self.steps)])
+        couplings=[AffineCoupling(ConditionalCouplingNet(2 * (channels // 2)),
+                                  name=f'coupling_{k}') for k in range(self.steps)])
+
+  def __call__(self, x: Array, inverse: bool = False, *, eps: Optional[Array] = None,
+               x_int: Optional[Array] = None, dtype=jnp.float32,
+               **unused: Any) -> Tuple[Array, Array]:
     if inverse:
       check_image(x, 'VariationalDequantization.inverse')
+      parts = self._q(4 * x.shape[-1])
       x_out = floor_to_bins(x, self.num_bits)
       d = int(np.prod(x.shape[1:]))
       if x_int is None:
@@ -95,11 +102,24 @@ class VariationalDequantization(Bijector):
       u = x * (2 ** self.num_bits) - x_int.astype(x.dtype)
       _, log_q = _run_q(parts, x_int, u=u, dtype=x.dtype)
       return x_out, -(d * log_bin_width(self.num_bits) - log_q)
+    u, log_q = self.sample_u_and_log_q(x, eps=eps, dtype=dtype)
+    y = (x.astype(dtype) + u) / (2 ** self.num_bits)
+    d = int(np.prod(x.shape[1:]))
+    return y, d * log_bin_width(self.num_bits) - log_q
+
+  def sample_u_and_log_q(self, x: Array, *, eps: Optional[Array] = None,
+                         dtype=jnp.float32) -> Tuple[Array, Array]:
+    """Draws the dequantization noise: integer images `x` -> `(u, log q(u|x))`.
+
+    `u` in (0, 1) has the shape of `x`; `log q(u|x)` is `(N,)`. `eps` as in `forward`. This is
+    the draw `forward` uses: `forward(x, eps=eps)[0] == (x + u) / 2^bits`.
+    """
     check_integer_images(x, 'VariationalDequantization')
     n, h, w, c = x.shape
     if h % 2 or w % 2:
       raise ValueError(f'VariationalDequantization: height and width must be even, got shape '
                        f'{x.shape}')
+    parts = self._q(4 * c)
     base_shape = (n, h // 2, w // 2, 4 * c)
     if eps is None:
       eps = jax.random.normal(self.make_rng('noise'), base_shape, dtype)
@@ -114,12 +134,7 @@ class VariationalDequantization(Bijector):
     self.sow('intermediates', 'step_log_dets', jnp.stack(step_lds))
     self.sow('intermediates', 'u', u)
     self.sow('intermediates', 'log_q', log_q)
-    y = (x.astype(dtype) + u) / (2 ** self.num_bits)
-    d = h * w * c
-    ld = d * log_bin_width(self.num_bits) - log_q
-    if return_u:
-      return y, ld, (u, log_q)
-    return y, ld
+    return u, log_q
 
 
 def _run_q(parts: dict, x_int: Array, eps: Optional[Array] = None, u: Optional[Array] = None,

@@ -1,9 +1,11 @@
 """Nystrom self-attention (the global branch of DenseFlow's coupling network)."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from denseflow_jax.nets.layers import Array, Conv1x1
+from denseflow_jax.nets.layers import Array, PointwiseConv
 
 
 def iterative_pinv(k: Array, iterations: int = 6) -> Array:
@@ -24,7 +26,7 @@ def iterative_pinv(k: Array, iterations: int = 6) -> Array:
   return v
 
 
-def nystrom_kernel(q: Array, k: Array, v: Array, num_landmarks: int, iterations: int) -> Array:
+def nystrom_kernel(q: Array, k: Array, v: Array, *, num_landmarks: int, iterations: int) -> Array:
   """Nystrom attention on sequences `(N, L, E)`; returns `K1 K2^+ (K3 v) + v`, `(N, L, E)`.
 
   No `1/sqrt(E)` scaling. Landmarks: means over `num_landmarks` contiguous blocks of rows,
@@ -49,9 +51,10 @@ class NystromAttention(nn.Module):
   tensor is *reshaped* (not transposed) to `(H*W, 3E)`, so a sequence row mixes channels and
   pixels, and the `(H*W, E)` result is reshaped back to `(E, H, W)` the same way. This is what
   the published weights expect. `layout='tokens'` treats each pixel as a token.
-  Requires `H * W` divisible by `num_landmarks`.
+  Requires `H * W` divisible by `num_landmarks`. Every field but `features` is keyword-only.
   """
   features: int
+  _: dataclasses.KW_ONLY
   num_landmarks: int = 4
   iterations: int = 6
   layout: str = 'published'
@@ -64,7 +67,7 @@ class NystromAttention(nn.Module):
     if length % self.num_landmarks:
       raise ValueError(f'NystromAttention: H*W = {h}*{w} = {length} is not divisible by '
                        f'num_landmarks={self.num_landmarks}')
-    qkv = Conv1x1(3 * e, name='qkv')(x)
+    qkv = PointwiseConv(3 * e, name='qkv')(x)
     if self.layout == 'published':
       seq = qkv.transpose(0, 3, 1, 2).reshape(n, length, 3 * e)
     elif self.layout == 'tokens':
@@ -73,9 +76,9 @@ class NystromAttention(nn.Module):
       raise ValueError(f"NystromAttention: layout must be 'published' or 'tokens', got "
                        f'{self.layout!r}')
     q, k, v = seq[..., :e], seq[..., e:2 * e], seq[..., 2 * e:]
-    out = nystrom_kernel(q, k, v, self.num_landmarks, self.iterations)
+    out = nystrom_kernel(q, k, v, num_landmarks=self.num_landmarks, iterations=self.iterations)
     if self.layout == 'published':
       out = out.reshape(n, e, h, w).transpose(0, 2, 3, 1)
     else:
       out = out.reshape(n, h, w, e)
-    return Conv1x1(self.features, name='out_transform')(out)
+    return PointwiseConv(self.features, name='out_transform')(out)

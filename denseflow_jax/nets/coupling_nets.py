@@ -1,10 +1,16 @@
-"""Conditioner networks for the affine couplings and the cross-unit noise nets."""
+"""Conditioner networks for the affine couplings and the cross-unit noise nets.
+
+Hyperparameters after the channel counts are keyword-only (`DenseFlowCouplingNet(out, mid,
+num_landmarks=4, pinv_iterations=6)`), so two integers cannot be swapped silently.
+"""
+import dataclasses
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from denseflow_jax.nets.attention import NystromAttention
 from denseflow_jax.nets.dense_block import DenseBlock
-from denseflow_jax.nets.layers import Array, BatchNorm, Conv1x1, Conv2x2Stride2, Conv3x3
+from denseflow_jax.nets.layers import Array, BatchNorm, Conv2x2Stride2, Conv3x3, PointwiseConv
 
 
 class DenseAttentionFusion(nn.Module):
@@ -13,6 +19,7 @@ class DenseAttentionFusion(nn.Module):
   `concat(attention(h), dense(h))` -> BatchNorm -> ReLU -> 1x1 conv `2m -> m` (no bias).
   """
   mid_channels: int
+  _: dataclasses.KW_ONLY
   dense_depth: int = 7
   dense_growth: int = 64
   num_landmarks: int = 4
@@ -24,12 +31,13 @@ class DenseAttentionFusion(nn.Module):
   @nn.compact
   def __call__(self, h: Array, train: bool = False) -> Array:
     m = self.mid_channels
-    att = NystromAttention(m, self.num_landmarks, self.pinv_iterations, self.attention_layout,
-                           name='attention')(h)
-    dense = DenseBlock(m, self.dense_depth, self.dense_growth, name='dense')(h)
+    att = NystromAttention(m, num_landmarks=self.num_landmarks, iterations=self.pinv_iterations,
+                           layout=self.attention_layout, name='attention')(h)
+    dense = DenseBlock(m, depth=self.dense_depth, growth=self.dense_growth, name='dense')(h)
     fused = jnp.concatenate([att, dense], axis=-1)
-    fused = nn.relu(BatchNorm(self.bn_momentum, self.bn_epsilon, name='bn')(fused, train=train))
-    return Conv1x1(m, use_bias=False, name='mix')(fused)
+    bn = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, name='bn')
+    fused = nn.relu(bn(fused, train=train))
+    return PointwiseConv(m, use_bias=False, name='mix')(fused)
 
 
 class DenseFlowCouplingNet(nn.Module):
@@ -40,6 +48,7 @@ class DenseFlowCouplingNet(nn.Module):
   """
   out_channels: int
   mid_channels: int
+  _: dataclasses.KW_ONLY
   dense_depth: int = 7
   dense_growth: int = 64
   num_landmarks: int = 4
@@ -50,22 +59,25 @@ class DenseFlowCouplingNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    h = Conv1x1(self.mid_channels, name='proj')(x)
-    h = DenseAttentionFusion(self.mid_channels, self.dense_depth, self.dense_growth,
-                             self.num_landmarks, self.pinv_iterations, self.attention_layout,
-                             self.bn_momentum, self.bn_epsilon, name='fusion')(h, train=train)
-    return Conv1x1(self.out_channels, zero_init=True, name='out')(h)
+    h = PointwiseConv(self.mid_channels, name='proj')(x)
+    h = DenseAttentionFusion(
+        self.mid_channels, dense_depth=self.dense_depth, dense_growth=self.dense_growth,
+        num_landmarks=self.num_landmarks, pinv_iterations=self.pinv_iterations,
+        attention_layout=self.attention_layout, bn_momentum=self.bn_momentum,
+        bn_epsilon=self.bn_epsilon, name='fusion')(h, train=train)
+    return PointwiseConv(self.out_channels, zero_init=True, name='out')(h)
 
 
 class GlowCouplingNet(nn.Module):
   """Glow's coupling network (ablation): 3x3 -> ReLU -> 1x1 -> ReLU -> zero-init 3x3."""
   out_channels: int
+  _: dataclasses.KW_ONLY
   hidden: int = 512
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     h = nn.relu(Conv3x3(self.hidden, name='conv_in')(x))
-    h = nn.relu(Conv1x1(self.hidden, name='conv_mid')(h))
+    h = nn.relu(PointwiseConv(self.hidden, name='conv_mid')(h))
     return Conv3x3(self.out_channels, zero_init=True, name='conv_out')(h)
 
 
@@ -79,7 +91,7 @@ class NoiseNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     h = nn.relu(Conv3x3(4 * x.shape[-1], name='conv_in')(x))
-    return Conv1x1(2 * self.growth, zero_init=True, name='conv_out')(h)
+    return PointwiseConv(2 * self.growth, zero_init=True, name='conv_out')(h)
 
 
 class ContextNet(nn.Module):
@@ -90,26 +102,29 @@ class ContextNet(nn.Module):
   """
   num_bits: int = 8
   channels: int = 64
+  _: dataclasses.KW_ONLY
   depth: int = 4
   growth: int = 16
 
   @nn.compact
   def __call__(self, x: Array, dtype=jnp.float32) -> Array:
     h = 2.0 * x.astype(dtype) / (2 ** self.num_bits - 1) - 1.0
-    h = DenseBlock(self.channels, self.depth, self.growth, name='dense_in')(h)
+    h = DenseBlock(self.channels, depth=self.depth, growth=self.growth, name='dense_in')(h)
     h = Conv2x2Stride2(self.channels, name='down')(h)
-    return DenseBlock(self.channels, self.depth, self.growth, name='dense_out')(h)
+    return DenseBlock(self.channels, depth=self.depth, growth=self.growth, name='dense_out')(h)
 
 
 class ConditionalCouplingNet(nn.Module):
   """Dequantizer coupling net: 1x1 `-> 64`, residual dense block (depth 4, growth 64), zero 1x1."""
   out_channels: int
+  _: dataclasses.KW_ONLY
   mid_channels: int = 64
   depth: int = 4
   growth: int = 64
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    h = Conv1x1(self.mid_channels, name='proj')(x)
-    h = DenseBlock(self.mid_channels, self.depth, self.growth, residual=True, name='dense')(h)
-    return Conv1x1(self.out_channels, zero_init=True, name='out')(h)
+    h = PointwiseConv(self.mid_channels, name='proj')(x)
+    h = DenseBlock(self.mid_channels, depth=self.depth, growth=self.growth, residual=True,
+                   name='dense')(h)
+    return PointwiseConv(self.out_channels, zero_init=True, name='out')(h)

@@ -1,9 +1,11 @@
 """Densely connected blocks (the local branch of DenseFlow's coupling network)."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from denseflow_jax.nets.layers import Array, Conv1x1, Conv3x3
+from denseflow_jax.nets.layers import Array, Conv3x3, PointwiseConv
 
 
 class DenseLayer(nn.Module):
@@ -13,7 +15,7 @@ class DenseLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = x.shape[-1]
-    h = nn.relu(Conv1x1(c, name='conv1x1')(x))
+    h = nn.relu(PointwiseConv(c, name='conv1x1')(x))
     h = nn.relu(Conv3x3(self.growth, name='conv3x3')(h))
     return jnp.concatenate([x, h], axis=-1)
 
@@ -24,7 +26,7 @@ class GatedConv1x1(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = Conv1x1(3 * self.features, name='conv')(x)
+    h = PointwiseConv(3 * self.features, name='conv')(x)
     a, b, c = jnp.split(h, 3, axis=-1)
     return a + b * jax.nn.sigmoid(c)
 
@@ -34,11 +36,13 @@ class DenseBlock(nn.Module):
 
   Input `(N, H, W, C_in)`, output `(N, H, W, out_channels)`. With `residual=True` the block
   returns `x + block(x)` (needs `out_channels == C_in`), as in the dequantizer's conditional
-  coupling net; DenseFlow's coupling nets and the context net use no residual.
+  coupling net; DenseFlow's coupling nets and the context net use no residual. `residual` is
+  keyword-only.
   """
   out_channels: int
   depth: int
   growth: int
+  _: dataclasses.KW_ONLY
   residual: bool = False
 
   @nn.compact

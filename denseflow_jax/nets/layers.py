@@ -1,12 +1,17 @@
 """Convolution layers written for XLA:CPU speed (see the README's performance notes).
 
+These are plain (non-invertible) network layers. `PointwiseConv` is the 1x1 convolution layer
+of the conditioner networks; the invertible 1x1 convolution of the flow is the bijector
+`denseflow_jax.bijectors.Conv1x1`.
+
 1x1 convolutions are 2-D matmuls on `(N*H*W, C)` views; the 3x3 convolution keeps `lax.conv`
 for the forward pass and the input gradient but computes its weight gradient as one matmul
 (`conv3x3`'s custom VJP), which XLA:CPU runs much faster than its default lowering.
 Initialisation follows PyTorch's defaults for `nn.Conv2d` (uniform in +-1/sqrt(fan_in) for
 weights and biases), so training starts from the same distribution as the published model.
 """
-from typing import Any, Callable
+import dataclasses
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -30,9 +35,13 @@ def matmul_channels(x: Array, kernel: Array) -> Array:
   return y.reshape(shape[:-1] + (kernel.shape[-1],))
 
 
-class Conv1x1(nn.Module):
-  """1x1 convolution on channels-last input: `y = x @ kernel + bias`, kernel `(C_in, C_out)`."""
+class PointwiseConv(nn.Module):
+  """1x1 convolution layer on channels-last input: `y = x @ kernel + bias`, kernel `(C_in, C_out)`.
+
+  Not invertible (any `C_out`); the invertible 1x1 convolution is `bijectors.Conv1x1`.
+  """
   features: int
+  _: dataclasses.KW_ONLY
   use_bias: bool = True
   zero_init: bool = False
 
@@ -105,6 +114,7 @@ conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 class Conv3x3(nn.Module):
   """3x3 convolution, padding 1, stride 1, kernel HWIO `(3, 3, C_in, C_out)`."""
   features: int
+  _: dataclasses.KW_ONLY
   use_bias: bool = True
   zero_init: bool = False
 
@@ -142,8 +152,10 @@ class BatchNorm(nn.Module):
   running variance: `running = momentum * running + (1 - momentum) * batch` (flax convention:
   momentum 0.9 is PyTorch's 0.1). `train=False`: normalise with the running averages, a
   deterministic function of the input. Under `jax.jit` with a sharded batch the statistics are
-  those of the global batch. Parameters `scale` (init 1) and `bias` (init 0).
+  those of the global batch. Parameters `scale` (init 1) and `bias` (init 0). `momentum` and
+  `epsilon` are keyword-only.
   """
+  _: dataclasses.KW_ONLY
   momentum: float = 0.9
   epsilon: float = 1e-5
 
