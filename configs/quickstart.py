@@ -3,7 +3,7 @@
 `python experiments/train.py --config configs/quickstart.py --workdir /tmp/denseflow_quickstart`
 needs no download. At 8x8 only two blocks fit (after the initial squeeze the blocks work at
 4x4 and 2x2; the Nystrom attention needs H*W divisible by 4 landmarks), so the model is
-DenseFlow with blocks (2, 1), modules (2, 2), width 16, growth 4 and slimmer dense blocks and
+DenseFlow with blocks (2, 1), modules (2, 2), width 32, growth 4 and slimmer dense blocks and
 dequantizer than the paper's.
 """
 from denseflow_jax import defaults
@@ -16,7 +16,7 @@ def get_config():
   m.image_size, m.num_channels, m.num_bits = 8, 1, 5
   m.block_conf = (2, 1)
   m.layers_conf = (2, 2)
-  m.mid_channels = (16, 16)
+  m.mid_channels = (32, 32)
   m.growth_rate = 4
   m.dense_depth = 2
   m.dense_growth = 16
@@ -29,6 +29,7 @@ def get_config():
 
   t = config.train
   t.batch_size = 32
+  t.lr = 2e-3                       # twice the paper's: a short run on small images
   t.num_steps = 1500                # 32 epochs of the 1500 training digits
   t.warmup_steps = 100
   t.decay_rate = 0.99               # per epoch (46 steps at batch 32)
