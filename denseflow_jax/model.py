@@ -30,7 +30,7 @@ import numpy as np
 
 from denseflow_jax.bijectors.actnorm import ActNorm
 from denseflow_jax.bijectors.augment import CrossUnitCoupling
-from denseflow_jax.bijectors.base import (Array, check_image, std_normal_log_prob,
+from denseflow_jax.bijectors.base import (Array, std_normal_log_prob,
                                           sum_except_batch)
 from denseflow_jax.bijectors.conv1x1 import Conv1x1, LUConv1x1
 from denseflow_jax.bijectors.coupling import AffineCoupling

@@ -145,8 +145,6 @@ def _run_q(parts: dict, x_int: Array, eps: Optional[Array] = None, u: Optional[A
   """
   trace = [] if trace is None else trace
   n, h, w, c = x_int.shape
-  c4 = 4 * c
-  c2 = c4 // 2
   context = parts['context_net'](x_int, dtype)
   loc = parts['loc'].astype(dtype)
   log_scale = parts['log_scale'].astype(dtype)

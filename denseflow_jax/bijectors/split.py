@@ -1,7 +1,6 @@
 """Squeeze-and-drop transition between DenseFlow blocks."""
 from typing import Any, Optional, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
