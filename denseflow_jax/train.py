@@ -2,7 +2,7 @@
 
 The optimizer and learning-rate schedule are in `optim.py`, the evaluation at `eval_every`
 steps in `evaluation.py`, the config checks run first in `config_check.py`, the metrics
-writer in `metric_writer.py`.
+writer in `metric_writer.py`, what the loop prints in `console.py`.
 
 Workdir layout (see `checkpoint.py` and `artifacts.py`):
 
@@ -11,6 +11,7 @@ Workdir layout (see `checkpoint.py` and `artifacts.py`):
   <workdir>/metrics.jsonl             every scalar written: train/test metrics, steps/s (process 0)
   <workdir>/samples/step_<s>.png      sample grid at every evaluation (process 0)
   <workdir>/bpd_curve.png             train and test bits/dim against the step (process 0)
+  <workdir>/parameters.txt            the parameter table (process 0)
   <workdir>/events.out.tfevents.*     TensorBoard scalars and sample images (clu writers)
 
 Converted official weights use the same layout with only params/ and batch_stats/ items.
@@ -57,7 +58,6 @@ import time
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from absl import logging
-from clu import parameter_overview
 import flax.struct
 import jax
 from jax.experimental import multihost_utils
@@ -66,7 +66,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from denseflow_jax import artifacts, checkpoint, config_file, evaluation, parallel
+from denseflow_jax import checkpoint, config_file, console, evaluation, parallel
 from denseflow_jax.config_check import validate_config
 from denseflow_jax.data import Data, make_data
 from denseflow_jax.evaluation import INIT_TAG, TRAIN_TAG, run_key
@@ -76,7 +76,6 @@ from denseflow_jax.optim import (learning_rate_schedule, make_optimizer, num_tra
                                  with_learning_rate)
 
 PyTree = Any
-PARAMETERS_FILE = 'parameters.txt'
 
 
 class NonFiniteError(RuntimeError):
@@ -281,70 +280,6 @@ def _restore_or_init(config, workdir, ckpts, init_fn, tx, data, mesh, abstract) 
   return init_fn(first)
 
 
-def _describe_parameters(params: PyTree, workdir: str) -> str:
-  """One line: parameters in total and per top-level module; the full table goes to a file."""
-  counts = {name: sum(int(np.size(x)) for x in jax.tree.leaves(tree))
-            for name, tree in params.items()}
-  total = sum(counts.values())
-  path = os.path.join(workdir, PARAMETERS_FILE)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(parameter_overview.get_parameter_overview(params) + '\n')
-  os.replace(tmp, path)
-  parts = ', '.join(f'{name} {n:,}' for name, n in counts.items() if n >= 0.01 * total)
-  return f'model: {total:,} parameters ({parts}); table in {path}'
-
-
-class _ProgressLine:
-  """The one progress line per report: step, train bpd, rate, learning rate, ETA to the second.
-
-  The rate counts the steps after the first one (which includes the compilation)."""
-
-  def __init__(self, start: int, total: int):
-    self.total = total
-    self.t0 = time.monotonic()
-    self.last_step, self.last_time = start, self.t0
-
-  def elapsed(self) -> float:
-    return time.monotonic() - self.t0
-
-  def first_step_done(self) -> None:
-    self.last_step, self.last_time = self.last_step + 1, time.monotonic()
-
-  def line(self, step: int, scalars: Dict[str, float]) -> str:
-    now = time.monotonic()
-    rate = (step - self.last_step) / (now - self.last_time) if step > self.last_step else 0.0
-    if step > self.last_step:
-      self.last_step, self.last_time = step, now
-    eta = format_seconds((self.total - step) / rate) if rate > 0 else '?'
-    bpd = scalars.get('train_bpd')
-    text = f'step {step}/{self.total} ({100.0 * step / self.total:.0f}%): ' + (
-        f'train bpd {bpd:.4f}' if bpd is not None else 'no finite step')
-    skipped = int(scalars.get('skipped_steps', 0))
-    return (text + (f', {skipped} skipped' if skipped else '') +
-            f', {rate:.1f} steps/s, lr {scalars["learning_rate"]:.3g}, elapsed '
-            f'{format_seconds(now - self.t0)}, ETA {eta}')
-
-
-def _summary(workdir: str, state, total: int, last: Dict[str, float], progress) -> str:
-  """The end-of-run lines: final numbers and where every output is."""
-  numbers = [f'{total} steps in {format_seconds(progress.elapsed())}']
-  if 'test_bpd' in last:
-    numbers.append(f'test bpd {last["test_bpd"]:.4f} (ELBO, one draw)')
-  if 'sample_fid' in last:
-    numbers.append(f'samples: FID {last["sample_fid"]:.2f}, Inception-style score '
-                   f'{last["sample_is"]:.2f} (digits classifier)')
-  del state
-  outputs = [f'{name} {os.path.join(workdir, rel)}' for name, rel in (
-      ('checkpoints', checkpoint.CHECKPOINT_DIR), ('metrics', artifacts.METRICS_FILE),
-      ('samples', artifacts.SAMPLES_DIR), ('bpd curve', artifacts.CURVE_FILE),
-      ('parameters', PARAMETERS_FILE), ('config', config_file.CONFIG_FILE))
-      if os.path.exists(os.path.join(workdir, rel))]
-  return ('done: ' + '; '.join(numbers) + '\n  outputs: ' + ', '.join(outputs) +
-          f'\n  TensorBoard: tensorboard --logdir {workdir}\n  IWBO test bpd: python '
-          f'experiments/evaluate.py --workdir {workdir}')
-
-
 @dataclasses.dataclass
 class _Window:
   """Train metrics accumulated between two log points (finite steps only for the means)."""
@@ -452,7 +387,7 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
                  jax.device_count(), jax.process_count(), data.global_batch_size,
                  steps_per_epoch, start, total_steps)
     if host0:
-      logging.info('%s', _describe_parameters(parallel.to_host(state.params), workdir))
+      logging.info('%s', console.describe_parameters(parallel.to_host(state.params), workdir))
       writer.write_hparams(config.to_dict())  # clu flattens it ('model.block_conf.0', ...)
       logging.info('config: %s (and TensorBoard hparams)', config_file.config_path(workdir))
 
@@ -465,7 +400,7 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
       evaluate(0, state.variables())
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=t.log_every, every_secs=None)
-    progress = _ProgressLine(start, total_steps)
+    progress = console.ProgressLine(start, total_steps)
     batches = iter(data.train_batches(start))
     window = _Window()
     # The checkpoint holding the parameters of the last finite update, if one does (skipped
@@ -534,7 +469,7 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
                                     f'{ckpts.directory}; rerun the same command to resume')
     failed = False
     if host0:
-      logging.info('%s', _summary(workdir, state, total_steps, evaluate.last, progress))
+      logging.info('%s', console.run_summary(workdir, state, total_steps, evaluate.last, progress))
   finally:
     try:
       ckpts.close()

@@ -25,7 +25,6 @@ from test_reliability import MICRO_CONFIG, REPO_ROOT, TRAIN
 FOUR_DEVICE_SCRIPT = r'''
 import json, sys
 import flax, jax, numpy as np
-sys.path.insert(0, sys.argv[1])
 from denseflow_jax import optim, parallel, train
 from denseflow_jax.data import make_data
 from denseflow_jax.model import DenseFlow
@@ -134,7 +133,8 @@ def config_dir(tmp_path_factory):
 def device_runs(env, config_dir, tmp_path_factory):
   """Runs FOUR_DEVICE_SCRIPT once: (results, path of the 1-device variables after 6 steps)."""
   reference = str(tmp_path_factory.mktemp('parallel_reference') / 'one_device_step6.npz')
-  environ = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  environ = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+                 PYTHONPATH=config_dir + os.pathsep + env['PYTHONPATH'])  # for `import micro`
   result = subprocess.run([sys.executable, '-c', FOUR_DEVICE_SCRIPT, config_dir, reference],
                           env=environ, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]

@@ -137,7 +137,7 @@ def test_restart_sigkill_sigint_resume_matches_uninterrupted_run(reference, micr
   with open(log, 'w') as out:
     process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     resumed = f'from checkpoint {killed_at}'
-    _wait_for(lambda: resumed in log.read_text() and 'train_bpd=' in log.read_text().split(
+    _wait_for(lambda: resumed in log.read_text() and '): train bpd ' in log.read_text().split(
         resumed, 1)[-1], process, what='training after the resume')
     process.send_signal(signal.SIGINT)
     returncode = process.wait(timeout=120)
