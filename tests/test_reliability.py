@@ -35,7 +35,7 @@ def get_config():
   m.growth_rate, m.dense_depth, m.dense_growth = 2, 1, 4
   m.dequantization = 'uniform'
   t = config.train
-  t.batch_size, t.num_steps, t.warmup_steps = 16, {num_steps}, 10
+  t.batch_size, t.num_steps, t.warmup_steps, t.lr = 16, {num_steps}, 10, 1e-3
   t.log_every, t.checkpoint_every, t.eval_every = 10, {checkpoint_every}, 0
   config.eval.at_start, config.eval.num_samples = False, 0
   config.eval.batch_size, config.eval.iwbo_k, config.eval.iwbo_chunk = 16, 4, 2

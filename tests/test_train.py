@@ -30,7 +30,7 @@ def micro_config(**train_fields):
   m.growth_rate, m.dense_depth, m.dense_growth = 2, 1, 4
   m.dequantization = 'uniform'
   t = config.train
-  t.batch_size, t.num_steps, t.warmup_steps = 16, 8, 0
+  t.batch_size, t.num_steps, t.warmup_steps, t.lr = 16, 8, 0, 1e-3
   t.log_every, t.checkpoint_every, t.eval_every = 1, 2, 0
   config.eval.at_start, config.eval.num_samples = False, 0
   t.update(train_fields)
