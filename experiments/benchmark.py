@@ -79,11 +79,7 @@ flags.DEFINE_string('job_out', '', 'Internal: where a child writes its JSON resu
 
 
 def _config():
-  cfg = FLAGS.config
-  if FLAGS.image_size > 0:
-    cfg.model.image_size = FLAGS.image_size
-  cfg.train.seed = FLAGS.seed
-  return cfg
+  return measure.benchmark_config(FLAGS.config, FLAGS.image_size, FLAGS.seed)
 
 
 # ---------------------------------------------------------------------------- child side

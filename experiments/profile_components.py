@@ -43,11 +43,7 @@ STEPS_PER_EPOCH = 1000
 
 
 def _config():
-  cfg = FLAGS.config
-  if FLAGS.image_size > 0:
-    cfg.model.image_size = FLAGS.image_size
-  cfg.train.seed = FLAGS.seed
-  return cfg
+  return measure.benchmark_config(FLAGS.config, FLAGS.image_size, FLAGS.seed)
 
 
 def _median(fn: Callable[[], Any], steps: int, warmup: int) -> float:

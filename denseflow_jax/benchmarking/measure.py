@@ -45,6 +45,14 @@ def median_time(fn: Callable[[], Any], steps: int) -> Dict[str, Any]:
           'times_s': times}
 
 
+def benchmark_config(config, image_size: int, seed: int):
+  """The benchmark scripts' config: `config` with `image_size` (> 0 overrides) and the seed."""
+  if image_size > 0:
+    config.model.image_size = image_size
+  config.train.seed = seed
+  return config
+
+
 def matmul_peak(n: int = 4096, reps: int = 7) -> Dict[str, Any]:
   """The f32 matmul peak of this process: `median_s`, the median time of one `(n, n) @ (n, n)`
   `jnp.dot` over `reps` calls after two warm-up calls, and `gflop_s = 2 n^3 / median_s`
