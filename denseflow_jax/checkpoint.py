@@ -723,15 +723,17 @@ def load_variables(workdir: str, abstract: Optional[Dict[str, PyTree]] = None,
   return found, variables
 
 
-def load_model(workdir: str, mesh=None, step: Optional[int] = None):
+def load_model(workdir: str, mesh=None, step: Optional[int] = None, config=None):
   """(config, model, step, variables) from a workdir; variables replicated over `mesh`.
 
   `mesh` defaults to all devices (`parallel.make_mesh()`). Works for training workdirs and
-  for converted checkpoints with only params (+ batch_stats).
+  for converted checkpoints with only params (+ batch_stats). `config` replaces the saved
+  config.json (e.g. with evaluation overrides); its model must be the one saved.
   """
   from denseflow_jax import parallel  # pylint: disable=g-import-not-at-top
   from denseflow_jax.model import DenseFlow  # pylint: disable=g-import-not-at-top
-  config = config_file.load_config(workdir)
+  if config is None:
+    config = config_file.load_config(workdir)
   mesh = mesh if mesh is not None else parallel.make_mesh()
   model = DenseFlow(config.model)
   m = config.model

@@ -6,9 +6,16 @@ the program with one line `error: ...` on stderr and exit status 2, instead of a
 Anything else (a bug) still raises with its traceback. `DENSEFLOW_JAX_TRACEBACK=1` prints
 the traceback of expected failures too.
 
+Tools that read a trained workdir (evaluate, sample, score, fid, neighbours) take
+`--config.<field>=<value>` overrides of the workdir's saved config.json
+(`workdir_config(workdir)`): fields that do not change the model the checkpoint holds, e.g.
+`--config.eval.batch_size=32` or `--config.model.remat=full`; an override of a model field
+(architecture, dequantizer, ...) or of a field the config lacks is one line of error.
+
 The `check_*` helpers raise `UsageError` naming the flag and its value; call them before any
 long work (loading, compiling, evaluating), so that a bad output path is refused at once.
 """
+import ast
 import logging as logging_std
 import math
 import numbers
@@ -16,7 +23,7 @@ import os
 import pickle
 import sys
 import traceback
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 
@@ -85,10 +92,39 @@ def _without_traceback(text: str) -> str:
   return head + (last[0].strip() if last else '')
 
 
+# `--config.<field>=<value>` given to a tool without a `--config` flag: overrides of the saved
+# config of the workdir it reads (`workdir_config`).
+_SAVED_CONFIG_OVERRIDES: List[Tuple[str, str]] = []
+
+
+def _split_config_overrides(argv: List[str]) -> List[str]:
+  """Removes `--config.a.b=v` / `--config.a.b v` from `argv` into `_SAVED_CONFIG_OVERRIDES`."""
+  rest, i = [argv[0]], 1
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--config.'):
+      name, eq, value = arg[len('--config.'):].partition('=')
+      if not eq:
+        if i + 1 >= len(argv):
+          fail(f'{arg} needs a value (--config.{name}=VALUE)')
+        value, i = argv[i + 1], i + 1
+      if not name:
+        fail(f'{arg}: expected --config.<field>=<value>')
+      _SAVED_CONFIG_OVERRIDES.append((name, value))
+    else:
+      rest.append(arg)
+    i += 1
+  return rest
+
+
 def parse_flags(argv: List[str]) -> List[str]:
   """absl flag parsing with one-line errors (bad values, missing config files, --config overrides
-  of missing fields); `--help` exits with status 0."""
+  of missing fields); `--help` exits with status 0. For a tool without a `--config` flag,
+  `--config.<field>=<value>` arguments are kept for `workdir_config`."""
   _check_config_files(argv[1:])
+  if 'config' not in flags.FLAGS:
+    del _SAVED_CONFIG_OVERRIDES[:]
+    argv = _split_config_overrides(list(argv))
   try:
     return flags.FLAGS(argv)
   except SystemExit as e:  # absl's --help prints the usage, then exits with status 1
@@ -107,6 +143,85 @@ def parse_flags(argv: List[str]) -> List[str]:
   except (TypeError, ValueError) as e:  # a --config override of the wrong type
     fail(one_line(e))
   return []
+
+
+def _parse_like(name: str, text: str, current: Any) -> Any:
+  """`text` as a value of the type of `current` (the saved value of field `name`)."""
+  def bad(what):
+    return UsageError(f'--config.{name}={text!r}: expected {what} (the saved value is '
+                      f'{current!r})')
+  if isinstance(current, bool):
+    low = text.strip().lower()
+    if low in ('true', '1', 'yes'):
+      return True
+    if low in ('false', '0', 'no'):
+      return False
+    raise bad('true or false')
+  if isinstance(current, numbers.Integral):
+    try:
+      return int(text)
+    except ValueError:
+      raise bad('an integer') from None
+  if isinstance(current, numbers.Real):
+    try:
+      return float(text)
+    except ValueError:
+      raise bad('a number') from None
+  if isinstance(current, (tuple, list)):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      raise bad('a tuple such as (1, 2)') from None
+    if not isinstance(value, (tuple, list)):
+      raise bad('a tuple such as (1, 2)')
+    return tuple(value)
+  if current is None:
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text
+  return text
+
+
+def apply_config_overrides(config, overrides: Sequence[Tuple[str, str]]):
+  """`config` with `(dotted_field, text)` overrides applied (a copy; UsageError for a field
+  the config lacks or a value of the wrong type)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(config.to_dict())
+  for name, text in overrides:
+    *parents, leaf = name.split('.')
+    node = config
+    for part in parents:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+      if node is None:
+        break
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node or isinstance(
+        node[leaf], ml_collections.ConfigDict):
+      raise UsageError(f'--config.{name}: the config has no field {name!r}')
+    node[leaf] = _parse_like(name, text, node[leaf])
+  return config
+
+
+def workdir_config(workdir: str):
+  """The saved config.json of `workdir` with this command's `--config.*` overrides.
+
+  An override that changes the model the checkpoint holds (`config_file.model_differences`)
+  is refused with a `UsageError`; the others (evaluation, data, implementation-only model
+  fields such as `model.remat`) apply. The overrides given are logged in one line.
+  """
+  from denseflow_jax import config_file  # pylint: disable=g-import-not-at-top
+  saved = config_file.load_config(workdir)
+  if not _SAVED_CONFIG_OVERRIDES:
+    return saved
+  config = apply_config_overrides(saved, _SAVED_CONFIG_OVERRIDES)
+  diffs = config_file.model_differences(saved, config)
+  if diffs:
+    raise UsageError(f'--config overrides would change the model that the checkpoint in '
+                     f'{workdir} holds ({"; ".join(diffs)}); only fields that keep the model '
+                     'can be overridden here')
+  print('config overrides: ' + ', '.join(f'{n}={v}' for n, v in _SAVED_CONFIG_OVERRIDES),
+        flush=True)
+  return config
 
 
 def _drop_work_unit_notes(record: logging_std.LogRecord) -> bool:

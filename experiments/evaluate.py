@@ -67,7 +67,7 @@ def main(argv):
     enable_compilation_cache()
 
   workdir = _WORKDIR.value
-  config = config_file.load_config(workdir)
+  config = cli.workdir_config(workdir)
   k = _K.value or int(config.eval.iwbo_k)
   chunk = int(config.eval.iwbo_chunk) if _CHUNK.value < 0 else _CHUNK.value
   chunk = min(chunk, k) if chunk else k
@@ -87,7 +87,8 @@ def main(argv):
   output = _OUTPUT.value or os.path.join(workdir, f'eval_iwbo_k{k}.json')
   source = data.source_for_model(_DATA.value, config, 'test', _DATA_DIR.value)
   _, model, step, variables = checkpoint.load_model(
-      workdir, mesh, None if _STEP.value < 0 else _STEP.value)
+      workdir, mesh, None if _STEP.value < 0 else _STEP.value,
+      config=config)
   start = time.time()
   iwbo = evaluation.iwbo_bpd_of_source(model, variables, source, mesh, k, chunk,
                                        seed=_SEED.value, max_examples=_MAX.value,

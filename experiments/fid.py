@@ -127,7 +127,8 @@ def main(argv):
     what = {'data': _DATA.value}
   else:
     config, model, step, variables = checkpoint.load_model(
-        _WORKDIR.value, mesh, None if _STEP.value < 0 else _STEP.value)
+        _WORKDIR.value, mesh, None if _STEP.value < 0 else _STEP.value,
+        config=cli.workdir_config(_WORKDIR.value))
     from denseflow_jax.sampling import sample_batches  # pylint: disable=g-import-not-at-top
     sharded = parallel.ShardedModel(model, mesh)
     batch = -(-_BATCH.value // mesh.devices.size) * mesh.devices.size

@@ -74,7 +74,8 @@ def main(argv):
   start = time.monotonic()
   mesh = parallel.make_mesh()
   config, model, step, variables = checkpoint.load_model(
-      _WORKDIR.value, mesh, None if _STEP.value < 0 else _STEP.value)
+      _WORKDIR.value, mesh, None if _STEP.value < 0 else _STEP.value,
+      config=cli.workdir_config(_WORKDIR.value))
   bits = int(config.model.num_bits)
   if _DATA.value:
     train, test = data.source_from_spec(_DATA.value, _DATA_DIR.value), None

@@ -68,7 +68,8 @@ def main(argv):
 
   mesh = parallel.make_mesh()
   config, model, step, variables = checkpoint.load_model(
-      _WORKDIR.value, mesh, None if _STEP.value < 0 else _STEP.value)
+      _WORKDIR.value, mesh, None if _STEP.value < 0 else _STEP.value,
+      config=cli.workdir_config(_WORKDIR.value))
   devices = mesh.devices.size
   padded = -(-_NUM.value // devices) * devices  # every device draws the same number
   key = parallel.replicate(np.asarray(jax.random.PRNGKey(_SEED.value)), mesh)

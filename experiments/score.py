@@ -87,10 +87,10 @@ def main(argv):
   out = check_flags()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from denseflow_jax import checkpoint, config_file, data, ood, parallel  # pylint: disable=g-import-not-at-top
+  from denseflow_jax import checkpoint, data, ood, parallel  # pylint: disable=g-import-not-at-top
   checkpoint.quiet_orbax_logs()
   start = time.monotonic()
-  config = config_file.load_config(_WORKDIR.value)
+  config = cli.workdir_config(_WORKDIR.value)
   mesh = parallel.make_mesh()
   batch_size = _BATCH.value or int(config.eval.batch_size)
   batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
@@ -99,7 +99,8 @@ def main(argv):
   if _OOD.value:
     sets['ood'] = (_OOD.value, data.source_for_model(_OOD.value, config, 'test', _DATA_DIR.value))
   _, model, step, variables = checkpoint.load_model(
-      _WORKDIR.value, mesh, None if _STEP.value < 0 else _STEP.value)
+      _WORKDIR.value, mesh, None if _STEP.value < 0 else _STEP.value,
+      config=config)
   results, summary = {}, {'workdir': os.path.abspath(_WORKDIR.value), 'step': int(step),
                           'k': _K.value, 'repeats': _REPEATS.value, 'seed': _SEED.value}
   host0 = jax.process_index() == 0

@@ -235,3 +235,53 @@ def test_quiet_startup_silences_library_noise():
   assert result.returncode == 0, result.stderr[-2000:]
   for noise in ('oneDNN', 'Unable to initialize backend', 'cpu_feature_guard'):
     assert noise not in result.stderr, result.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- saved-config overrides
+
+
+def test_config_overrides_are_parsed_like_the_saved_values():
+  from denseflow_jax import defaults
+  config = defaults.get_config()
+  out = cli.apply_config_overrides(config, [
+      ('eval.batch_size', '12'), ('eval.at_start', 'true'), ('train.lr', '3e-4'),
+      ('model.remat', 'yes' if isinstance(config.model.remat, bool) else 'full'),
+      ('data.dataset', 'digits'), ('model.block_conf', '(1, 2)')])
+  assert out.eval.batch_size == 12 and isinstance(out.eval.batch_size, int)
+  assert out.eval.at_start is True and out.train.lr == 3e-4
+  assert out.data.dataset == 'digits' and out.model.block_conf == (1, 2)
+  assert config.eval.batch_size != 12 or config.data.dataset != 'digits'  # a copy: unchanged
+  for bad, fragment in [(('eval.batch_size', 'x'), 'expected an integer'),
+                        (('eval.at_start', 'maybe'), 'expected true or false'),
+                        (('model.block_conf', '3'), 'expected a tuple'),
+                        (('eval.no_such_field', '1'), "no field 'eval.no_such_field'"),
+                        (('nosection.x', '1'), "no field 'nosection.x'"),
+                        (('eval', '1'), "no field 'eval'")]:
+    with pytest.raises(cli.UsageError, match=fragment):
+      cli.apply_config_overrides(config, [bad])
+
+
+def test_tools_take_overrides_of_the_saved_config_but_not_of_its_model(tmp_path, monkeypatch):
+  from denseflow_jax import defaults
+  workdir = str(tmp_path / 'run')
+  config_file.save_config(defaults.get_config(), workdir)
+  monkeypatch.setattr(cli, '_SAVED_CONFIG_OVERRIDES', [])
+  assert cli._split_config_overrides(
+      ['prog', '--workdir=w', '--config.eval.batch_size=5', '--config.eval.iwbo_k', '7']) == [
+          'prog', '--workdir=w']
+  assert cli._SAVED_CONFIG_OVERRIDES == [('eval.batch_size', '5'), ('eval.iwbo_k', '7')]
+  config = cli.workdir_config(workdir)
+  assert config.eval.batch_size == 5 and config.eval.iwbo_k == 7
+  monkeypatch.setattr(cli, '_SAVED_CONFIG_OVERRIDES', [('model.growth_rate', '99')])
+  with pytest.raises(cli.UsageError, match='would change the model.*model.growth_rate'):
+    cli.workdir_config(workdir)
+
+
+def test_evaluate_refuses_a_model_override_in_one_line(tmp_path):
+  from denseflow_jax import defaults
+  workdir = tmp_path / 'run'
+  config_file.save_config(defaults.get_config(), str(workdir))
+  result = run_cli(script('evaluate.py'), f'--workdir={workdir}', '--config.model.growth_rate=3')
+  assert_one_line_error(result, 'would change the model', 'model.growth_rate')
+  result = run_cli(script('evaluate.py'), f'--workdir={workdir}', '--config.eval.nope=3')
+  assert_one_line_error(result, "no field 'eval.nope'")
