@@ -1,0 +1,112 @@
+"""Process settings that make XLA:CPU training faster: XLA flags and glibc malloc options.
+
+`apply()` must run before JAX starts a backend (before the first `jax.devices()`, array or
+jit call), which is why the entry points call it at the top of `main`. It changes nothing
+when the settings do not apply:
+
+- XLA flags (`XLA_FLAGS`): oneDNN matmuls and convolutions and 512-bit vectors for XLA:CPU
+  (see /BENCHMARKS.md). They are experimental XLA options, so they are added only for the
+  jaxlib versions they were measured on (`TESTED_JAXLIB`), never when a GPU or TPU plugin is
+  installed (an accelerator run needs none of them, and an unknown name in `XLA_FLAGS` aborts
+  the process), and never when `XLA_FLAGS` already sets any of them.
+- glibc malloc (`mallopt`): one arena, no mmap for large blocks, no trimming of the heap top, so the
+  buffers XLA frees after one step are reused by the next instead of being returned to the
+  kernel and page-faulted in again (the same settings as `MALLOC_MMAP_MAX_=0`
+  `MALLOC_TRIM_THRESHOLD_=...` in the environment). Only on Linux with glibc, and not when
+  the environment already sets a `MALLOC_*` option.
+
+These settings change the order of floating-point operations of some kernels (oneDNN), so a
+run with them and a run without them differ in the last bits; a resumed run applies the same
+settings as the first one (the entry points apply them by default) and stays bitwise equal.
+"""
+import ctypes
+import ctypes.util
+import importlib.metadata
+import logging
+import os
+import sys
+from typing import Dict
+
+# oneDNN matmuls and convolutions, 512-bit vectors (flags measured with these jaxlib releases).
+XLA_FLAGS = ('--xla_cpu_use_onednn=true', '--xla_cpu_experimental_onednn_custom_call=true',
+             '--xla_cpu_experimental_ynn_fusion_type=', '--xla_cpu_prefer_vector_width=512')
+TESTED_JAXLIB = ('0.12.',)
+_ACCELERATOR_PACKAGES = ('jax-cuda12-plugin', 'jax-cuda13-plugin', 'jax-rocm60-plugin',
+                         'jax-rocm7-plugin', 'libtpu', 'libtpu-nightly')
+
+# mallopt parameters (glibc malloc.h) and the values used.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+_MALLOPT = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2 ** 31 - 1, _M_TOP_PAD: 512 * 2 ** 20,
+            _M_ARENA_MAX: 1}
+
+
+def _version(name: str) -> str:
+  try:
+    return importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return ''
+
+
+def _accelerator_plugin() -> str:
+  for name in _ACCELERATOR_PACKAGES:
+    if _version(name):
+      return name
+  return ''
+
+
+def xla_flags_reason() -> str:
+  """Why the XLA:CPU flags are not added ('' when they are)."""
+  jaxlib = _version('jaxlib')
+  plugin = _accelerator_plugin()
+  if plugin:
+    return f'{plugin} is installed (accelerator run)'
+  if os.environ.get('JAX_PLATFORMS', 'cpu').split(',')[0] not in ('', 'cpu'):
+    return f'JAX_PLATFORMS={os.environ["JAX_PLATFORMS"]}'
+  if not jaxlib.startswith(TESTED_JAXLIB):
+    return f'jaxlib {jaxlib or "(not found)"} is not one they were measured on ({TESTED_JAXLIB})'
+  existing = os.environ.get('XLA_FLAGS', '')
+  if any(flag.split('=')[0] in existing for flag in XLA_FLAGS):
+    return 'XLA_FLAGS already sets one of them'
+  return ''
+
+
+def _set_mallopt() -> str:
+  """Applies `_MALLOPT`; '' on success, else why not."""
+  if not sys.platform.startswith('linux'):
+    return f'not Linux ({sys.platform})'
+  if any(k.startswith('MALLOC_') for k in os.environ):
+    return 'the environment sets MALLOC_* options'
+  path = ctypes.util.find_library('c')
+  try:
+    libc = ctypes.CDLL(path or 'libc.so.6')
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):
+    return 'no glibc mallopt'
+  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+  for param, value in _MALLOPT.items():
+    if mallopt(param, value) != 1:
+      return f'mallopt({param}, {value}) failed'
+  return ''
+
+
+def apply(xla: bool = True, malloc: bool = True) -> Dict[str, str]:
+  """Applies the settings that apply here (see the module doc); returns what was done.
+
+  `{'xla_flags': 'added ...' or 'not added: <reason>', 'malloc': ...}`; logged at INFO.
+  Call before JAX starts a backend: XLA reads `XLA_FLAGS` once, at backend start.
+  """
+  done = {}
+  if xla:
+    reason = xla_flags_reason()
+    if reason:
+      done['xla_flags'] = f'not added: {reason}'
+    else:
+      os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', '').strip(), *XLA_FLAGS]
+                                         ).strip()
+      done['xla_flags'] = 'added ' + ' '.join(XLA_FLAGS)
+  if malloc:
+    reason = _set_mallopt()
+    done['malloc'] = f'not tuned: {reason}' if reason else 'mallopt: one arena, no mmap, no trim'
+  logging.getLogger(__name__).info('CPU tuning: %s', '; '.join(f'{k} {v}' for k, v in
+                                                              done.items()))
+  return done
