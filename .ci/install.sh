@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv with a Python >= 3.12 interpreter and installs denseflow-jax (+ test extras).
+# Creates .venv with a Python >= 3.12 interpreter and installs denseflow-jax with the test and
+# prepare (TensorFlow, for preparing TFDS datasets) extras, at the exact versions CI tests
+# (.ci/constraints.txt; setup.cfg itself states version ranges).
 # Usage: bash .ci/install.sh            (from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,5 +36,5 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet -c .ci/constraints.txt -e '.[test,prepare]'
 echo "Installed. Activate with: source .venv/bin/activate"

@@ -23,8 +23,9 @@ with values in [0, 2^num_bits - 1]. Datasets (`config.data.dataset`):
   first 1500 images are train, the last 297 are test.
 
 TFDS datasets are read with `tfds.data_source` (array_record files, random access, no
-tf.data). They must be prepared beforehand; without prepared data we fail at once with the
-command that prepares them (a default `tfds.data_source` call would try to download).
+tf.data, no TensorFlow). They must be prepared beforehand (`download_and_prepare`, which needs
+TensorFlow: the `prepare` extra); without prepared data we fail at once with the command that
+prepares them (a default `tfds.data_source` call would try to download).
 
 Training batches come from a `grain.MapDataset` (`train_dataset`), read by index: no
 tf.data and no TensorFlow at train time, and any step can be rebuilt directly, which makes
@@ -134,6 +135,11 @@ def celeba_crop(image: np.ndarray) -> np.ndarray:
   return np.asarray(Image.fromarray(box).resize((CELEBA_SIZE, CELEBA_SIZE), Image.BILINEAR))
 
 
+# Preparing (download_and_prepare: image encoding, tf.train.Example) needs TensorFlow, which is
+# not part of the base install; reading prepared array_record data needs none.
+PREPARE_EXTRA = "pip install 'denseflow-jax[prepare]', or in a checkout: pip install -e '.[prepare]'"
+
+
 def _prepare_command(tfds_name: str, data_dir: str) -> str:
   where = f', data_dir={data_dir!r}' if data_dir else ''
   return ('python -c "import tensorflow_datasets as tfds; '
@@ -155,7 +161,8 @@ def tfds_source(dataset: str, split: str, data_dir: str = '') -> ImageSource:
   data_dir = os.path.expanduser(data_dir) if data_dir else None
   how = ('Prepare it on a machine with internet access (array_record format is required '
          f'for random access) with: {_prepare_command(tfds_name, data_dir or "")} '
-         'and point config.data.data_dir at that directory.')
+         'and point config.data.data_dir at that directory. Preparing needs TensorFlow '
+         f'({PREPARE_EXTRA}); reading prepared data does not.')
   # Building the builder only reads local metadata: it cannot download or hang.
   builder = tfds.builder(tfds_name, data_dir=data_dir)
   if not builder.is_prepared():

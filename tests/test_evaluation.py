@@ -3,7 +3,6 @@ step, the IWBO and its standard error) and for `model.remat` in the train step's
 
 The model is test_train's micro DenseFlow on the 8x8 digits, so that compiles stay short.
 """
-import glob
 import io
 import math
 import os
@@ -16,6 +15,7 @@ from PIL import Image
 from denseflow_jax import artifacts, evaluation, parallel, train
 from denseflow_jax.data import make_data
 from denseflow_jax.model import DenseFlow, init_variables
+from test_metric_writer import read_events as _events  # TensorBoard's TF-free reader
 from test_train import micro_config
 
 
@@ -28,18 +28,6 @@ def _grid_size(num: int, size: int) -> int:
   columns = math.ceil(math.sqrt(num))
   assert math.ceil(num / columns) == columns
   return columns * (size + 1) + 1
-
-
-def _events(workdir: str):
-  """(tag, plugin, step, value) of every summary in the TensorBoard event files."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  out = []
-  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        out.append((value.tag, value.metadata.plugin_data.plugin_name, event.step,
-                    tf.make_ndarray(value.tensor)))
-  return out
 
 
 def test_training_loop_evaluation_writes_samples_tensorboard_curve_and_metrics(tmp_path):
