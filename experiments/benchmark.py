@@ -21,11 +21,14 @@ Rows (each measured in a fresh subprocess, so its peak RSS is that process's alo
   metrics.jsonl, written by the loop at every log point), the time to the first finished step
   (from just before the process was started to the loop's 'first train step done' log line,
   less the time of the matmul peak measured before training), the peak RSS of the whole process
-  (`os.wait4`) and the train bits/dim curve. `--loop_warm_start` runs it again on the filled
+  and the train bits/dim curve. `--loop_warm_start` runs it again on the filled
   cache (a warm start).
 - `eval`: `evaluation.make_eval_step` at `--eval_batch`, with its fraction of the matmul peak
   (target >= 85%).
 - `sample`: `parallel.ShardedModel.sample` of `--sample_sizes` images.
+
+Peak RSS: the row process's own high-water mark (`VmHWM`, read when its rows are done; the
+`ru_maxrss` of `os.wait4`, which Linux raises to the parent's size at the fork, is kept too).
 
 Every row records the 1-minute load average when its process started and the time of one
 f32 4096^3 `jnp.dot` (`measure.matmul_peak`) in that process just before and just after its
@@ -53,7 +56,6 @@ import datetime
 import json
 import logging as logging_std
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,15 +66,13 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from denseflow_jax import cli
-from denseflow_jax.benchmarking import measure, report
+from denseflow_jax.benchmarking import loop, measure, report
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR_SUBSET = os.path.join(REPO_ROOT, '..', 'shared', 'data', 'cifar10_train_subset.npz')
 ACCEL_CONFIGS = ('configs/tiny.py', 'configs/denseflow_45_6.py', 'configs/denseflow_74_10.py')
 DTYPES = ('float32', 'bfloat16')
 # The step row's schedule: only the learning-rate values depend on the steps per epoch.
 STEPS_PER_EPOCH = 1000
-FIRST_STEP_LOG = 'first train step done'
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', os.path.join(REPO_ROOT, 'configs', 'tiny.py'),
@@ -137,63 +137,10 @@ _LOAD_AT_IMPORT = measure.load_avg()  # a row's load: when its process started
 # ---------------------------------------------------------------------------- configs
 
 
-def set_compute_dtype(config, dtype: str) -> bool:
-  """Sets `config.model.compute_dtype`; False (config untouched) if the field does not exist
-  and `dtype` is not float32."""
-  if 'compute_dtype' in config.model:
-    config.model.compute_dtype = dtype
-    return True
-  return dtype == 'float32'
-
-
 def _config():
   config = measure.benchmark_config(FLAGS.config, FLAGS.image_size, FLAGS.seed)
-  if not set_compute_dtype(config, FLAGS.job_dtype):
+  if not loop.set_compute_dtype(config, FLAGS.job_dtype):
     raise ValueError(f'config.model has no compute_dtype field: cannot run {FLAGS.job_dtype}')
-  return config
-
-
-def loop_data(config, choice: str, cifar_subset: str = CIFAR_SUBSET) -> Dict[str, Any]:
-  """The data overrides of a loop row: {'dataset', 'train_npz', 'description'}.
-
-  `choice`: '' (automatic), 'digits' or an npz path. Automatic: the config's own offline data
-  (digits, or an npz file that exists), else the CIFAR-10 training subset for a 32x32x3 8-bit
-  model, else the digits for an 8x8x1 5-bit model. ValueError when none fits the model.
-  """
-  m, d = config.model, config.data
-  shape = (int(m.image_size), int(m.num_channels), int(m.num_bits))
-  if choice == 'digits' or (not choice and d.dataset == 'digits'):
-    if shape != (8, 1, 5):
-      raise ValueError(f'the digits are 8x8x1 images with 5 bits; the model takes {shape}')
-    return {'dataset': 'digits', 'train_npz': '', 'description': 'digits (embedded)'}
-  if choice:
-    path = os.path.abspath(choice)
-    if not os.path.isfile(path):
-      raise ValueError(f'--loop_data={choice!r}: no such file')
-    return {'dataset': 'npz', 'train_npz': path, 'description': path}
-  if d.dataset == 'npz' and d.train_npz and os.path.isfile(
-      os.path.join(REPO_ROOT, d.train_npz)):
-    path = os.path.normpath(os.path.join(REPO_ROOT, d.train_npz))
-    return {'dataset': 'npz', 'train_npz': path, 'description': path}
-  if shape == (32, 3, 8) and os.path.isfile(cifar_subset):
-    path = os.path.normpath(cifar_subset)
-    return {'dataset': 'npz', 'train_npz': path, 'description': f'CIFAR-10 subset {path}'}
-  if shape == (8, 1, 5):
-    return {'dataset': 'digits', 'train_npz': '', 'description': 'digits (embedded)'}
-  raise ValueError(f'no offline data for a model of {shape} (image size, channels, bits): '
-                   f'{os.path.normpath(cifar_subset)} is missing; pass --loop_data=PATH.npz')
-
-
-def loop_config(config, batch: int, steps: int, log_every: int, data: Dict[str, Any]):
-  """`config` as a loop row trains it: `steps` steps of `batch`, steps/s every `log_every`
-  steps, no evaluation, one final checkpoint, the given data."""
-  t = config.train
-  t.batch_size, t.num_steps, t.log_every = int(batch), int(steps), int(log_every)
-  t.checkpoint_every, t.eval_every, t.keep_checkpoints, t.init_from = 0, 0, 1, ''
-  config.eval.at_start = False
-  config.data.dataset = data['dataset']
-  config.data.train_npz = data['train_npz']
-  config.data.test_npz, config.data.holdout = '', 0
   return config
 
 
@@ -354,42 +301,21 @@ def job_sample(sizes: Sequence[int]) -> List[Dict[str, Any]]:
   return rows
 
 
-class _FirstStepClock(logging_std.Handler):
-  """Records the time of the training loop's 'first train step done' log record."""
-
-  def __init__(self):
-    super().__init__()
-    self.time: Optional[float] = None
-
-  def emit(self, record):
-    if self.time is None and str(record.msg).startswith(FIRST_STEP_LOG):
-      self.time = record.created
-
-
-def steady_step_seconds(metric_rows: Sequence[Dict[str, Any]]) -> Optional[float]:
-  """1 / median of the `steps_per_sec` values of metrics.jsonl rows (None if there are none).
-
-  The loop writes one per log point, for the interval since the previous one; the first
-  starts after the first step, so none includes compilation.
-  """
-  rates = [r['steps_per_sec'] for r in metric_rows if r.get('steps_per_sec', 0) > 0]
-  return 1.0 / statistics.median(rates) if rates else None
-
-
 def job_loop() -> List[Dict[str, Any]]:
   """`train.train_and_evaluate` as experiments/train.py runs it, with the peaks around it."""
   cache_warm = bool(os.path.isdir(FLAGS.job_cache_dir) and os.listdir(FLAGS.job_cache_dir))
   from denseflow_jax import artifacts, checkpoint  # pylint: disable=g-import-not-at-top
   from denseflow_jax.model import enable_compilation_cache  # pylint: disable=g-import-not-at-top
   config = _config()
-  data = loop_data(config, FLAGS.loop_data)
-  config = loop_config(config, FLAGS.job_batch, FLAGS.loop_steps, FLAGS.loop_log_every, data)
+  data = loop.loop_data(config, FLAGS.loop_data)
+  config = loop.loop_config(config, FLAGS.job_batch, FLAGS.loop_steps, FLAGS.loop_log_every,
+                            data)
   checkpoint.quiet_orbax_logs()
   enable_compilation_cache(FLAGS.job_cache_dir)
   t0 = time.time()
   before = _peaks()
   peak_s = time.time() - t0
-  clock = _FirstStepClock()
+  clock = loop.FirstStepClock()
   logging_std.getLogger('absl').addHandler(clock)
   from denseflow_jax import train  # pylint: disable=g-import-not-at-top
   t_train = time.time()
@@ -403,7 +329,7 @@ def job_loop() -> List[Dict[str, Any]]:
   curve = [[r['step'], r['train_bpd']] for r in metric_rows if 'train_bpd' in r]
   return [{
       'kind': 'loop', 'batch': FLAGS.job_batch, 'steps': FLAGS.loop_steps,
-      'log_every': FLAGS.loop_log_every, 'seconds': steady_step_seconds(metric_rows),
+      'log_every': FLAGS.loop_log_every, 'seconds': loop.steady_step_seconds(metric_rows),
       'steps_per_sec': [r['steps_per_sec'] for r in metric_rows if 'steps_per_sec' in r],
       'first_step_s': first, 'peak_before_s': peak_s, 'train_and_evaluate_s': train_s,
       'train_bpd_curve': curve, 'data': data['description'], 'matmul_before': before,
@@ -431,7 +357,7 @@ def run_child_job() -> None:
     raise ValueError(f'unknown --job={FLAGS.job!r}')
   shared = {'load_at_start': _LOAD_AT_IMPORT, 'platform': jax.default_backend(),
             'device': measure.device_info(), 'device_memory': measure.device_memory(),
-            'peak_rss_self_gib': measure.peak_rss_gib(), 'cpu_tuning': tuning,
+            'hwm_rss_gib': measure.hwm_rss_gib(), 'cpu_tuning': tuning,
             'xla_flags_env': os.environ.get('XLA_FLAGS', ''), 'dtype': FLAGS.job_dtype}
   extra = {}
   if FLAGS.cost_checks and FLAGS.job == 'step':
@@ -459,29 +385,6 @@ def detect_mode(env: Dict[str, str]) -> str:
 
 def _sample_sizes() -> List[str]:
   return FLAGS.sample_sizes or (['128'] if FLAGS.mode == 'accelerator' else ['16'])
-
-
-def _child_argv(argv: Sequence[str], config_path: Optional[str]) -> List[str]:
-  """The parent's flags for a child; with `config_path`, that config instead of --config and
-  its --config.* overrides."""
-  args, skip = [], False
-  for a in argv[1:]:
-    if skip:
-      skip = False
-      continue
-    is_config = a == '--config' or a.startswith('--config=') or a.startswith('--config.')
-    if config_path is not None and is_config:
-      skip = a == '--config' or (a.startswith('--config.') and '=' not in a)
-      continue
-    if a.startswith('--mode') or a.startswith('--loop_data'):
-      continue
-    if a.startswith('--config='):  # the child runs in the repository root
-      path, sep, variant = a[len('--config='):].partition(':')
-      a = f'--config={os.path.abspath(path)}{sep}{variant}'
-    args.append(a)
-  if config_path is not None:
-    args.insert(0, f'--config={os.path.join(REPO_ROOT, config_path)}')
-  return args
 
 
 class Runner:
@@ -518,8 +421,10 @@ class Runner:
     peak_dtypes = DTYPES if accel else sorted({'float32', dtype})
     with tempfile.TemporaryDirectory() as tmp:
       out, log = os.path.join(tmp, 'result.json'), os.path.join(tmp, 'log.txt')
+      parent_rss = measure.current_rss_gib()
       spawn_time = time.time()
-      cmd = [sys.executable, os.path.abspath(__file__), *_child_argv(self.argv, config_path),
+      argv = measure.child_argv(self.argv, config_path, REPO_ROOT, drop=('mode', 'loop_data'))
+      cmd = [sys.executable, os.path.abspath(__file__), *argv,
              f'--mode={FLAGS.mode}', f'--job={job}', f'--job_batch={batch}',
              f'--job_dtype={dtype}', f'--job_peak_dtypes={",".join(peak_dtypes)}',
              f'--job_out={out}', f'--job_spawn_time={spawn_time!r}',
@@ -546,8 +451,12 @@ class Runner:
       self.result['xla_cost_checks'] = result['xla_cost_checks']
     rows = []
     for row in result['rows']:
+      # The process's own high-water mark (VmHWM, read as it finished its rows); wait4's
+      # ru_maxrss also holds the parent's RSS at the fork (`parent_rss_gib`).
       row.update(label=self.labels[config_path], published_key=self.keys[config_path],
-                 config_path=config_path or 'the --config', peak_rss_gib=usage['peak_rss_gib'],
+                 config_path=config_path or 'the --config',
+                 peak_rss_gib=row.get('hwm_rss_gib') or usage['peak_rss_gib'],
+                 ru_maxrss_gib=usage['peak_rss_gib'], parent_rss_gib=parent_rss,
                  process_wall_s=wall_s, process_cpu_s=usage['user_s'] + usage['sys_s'])
       row = report.summarize(row)
       rows.append(row)
@@ -637,7 +546,7 @@ def run_parent(argv: Sequence[str]) -> Dict[str, Any]:
                        config_path, 0, dtype)
         elif kind == 'loop':
           try:
-            data = loop_data(cfg, FLAGS.loop_data)
+            data = loop.loop_data(cfg, FLAGS.loop_data)
           except ValueError as e:
             runner.skip(f'{name} loop rows', str(e))
             continue

@@ -112,6 +112,20 @@ def peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
 
 
+def hwm_rss_gib() -> float:
+  """Peak resident memory of this process's own address space so far (`VmHWM`, GiB): unlike
+  `ru_maxrss`, not raised by the resident size of the parent that started it. Falls back to
+  `peak_rss_gib()` where /proc is missing."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) * 1024 / GIB
+  except (OSError, ValueError, IndexError):
+    pass
+  return peak_rss_gib()
+
+
 def minor_faults() -> int:
   """Minor page faults of this process so far."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -244,7 +258,10 @@ def wait_with_rusage(proc, timeout: Optional[float] = None) -> Dict[str, Any]:
 
   `{'returncode', 'peak_rss_gib', 'user_s', 'sys_s', 'timed_out'}`: the peak resident memory
   of that one process (`os.wait4`; `RUSAGE_CHILDREN` would be the maximum over every child
-  waited for so far). After `timeout` seconds the child is killed and `timed_out` is True.
+  waited for so far). Linux carries the parent's resident size at the fork into the child's
+  `ru_maxrss`, so this is at least the parent's RSS when it started the child; the child's
+  own `hwm_rss_gib()` does not include it. After `timeout` seconds the child is killed and
+  `timed_out` is True.
   """
   deadline = None if timeout is None else time.monotonic() + float(timeout)
   timed_out = False
@@ -261,3 +278,33 @@ def wait_with_rusage(proc, timeout: Optional[float] = None) -> Dict[str, Any]:
   proc.returncode = os.waitstatus_to_exitcode(status)
   return {'returncode': proc.returncode, 'peak_rss_gib': usage.ru_maxrss * 1024 / GIB,
           'user_s': usage.ru_utime, 'sys_s': usage.ru_stime, 'timed_out': timed_out}
+
+
+def child_argv(argv: Sequence[str], config_path: Optional[str], repo_root: str,
+               drop: Sequence[str] = ()) -> list:
+  """A script's command-line flags (`argv[1:]`) for a child process that runs in `repo_root`.
+
+  `--config` paths become absolute; with `config_path` (relative to `repo_root`) that config
+  replaces `--config` and its `--config.*` overrides; flags named in `drop` are left out.
+  """
+  args, i, argv = [], 0, list(argv[1:])
+  while i < len(argv):
+    a = argv[i]
+    i += 1
+    name = a.split('=', 1)[0]
+    two_part = '=' not in a and (a == '--config' or a.startswith('--config.'))
+    value = argv[i] if two_part and i < len(argv) else None
+    if two_part:
+      i += 1
+    if name.lstrip('-') in drop:
+      continue
+    if a == '--config' or a.startswith('--config=') or a.startswith('--config.'):
+      if config_path is not None:
+        continue
+      if name == '--config':
+        path, sep, variant = (value if value is not None else a.split('=', 1)[1]).partition(':')
+        a, value = f'--config={os.path.abspath(path)}{sep}{variant}', None
+    args.append(a if value is None else f'{a}={value}')
+  if config_path is not None:
+    args.insert(0, f'--config={os.path.join(repo_root, config_path)}')
+  return args
