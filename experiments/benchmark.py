@@ -561,12 +561,15 @@ def run_parent(argv: Sequence[str]) -> Dict[str, Any]:
                              workdir=os.path.join(tmp, f'workdir_{start}'), cache_dir=cache,
                              extra=[f"--loop_data={data['train_npz'] or 'digits'}"])
 
-  if accel:
+  if accel:  # config by config (in --accel_configs order), its sampling rows after its steps
+    sample_configs = list(FLAGS.accel_sample_configs)
     for path in FLAGS.accel_configs:
-      if 'step' in jobs:
-        rows_for(path, ['step'], [FLAGS.accel_batch])
-    for path in FLAGS.accel_sample_configs:
-      if 'sample' in jobs:
+      kinds = [k for k in ('step', 'sample') if k in jobs and (
+          k == 'step' or path in sample_configs)]
+      if kinds:
+        rows_for(path, kinds, [FLAGS.accel_batch])
+    for path in sample_configs:
+      if 'sample' in jobs and path not in FLAGS.accel_configs:
         rows_for(path, ['sample'], [])
     rest = [k for k in jobs if k in ('loop', 'eval')]
     if rest:
@@ -576,7 +579,8 @@ def run_parent(argv: Sequence[str]) -> Dict[str, Any]:
   meta['load_at_end'] = measure.load_avg()
   runner.write()
   rows = runner.result['rows']
-  print(report.format_rows(rows, title=f"\n{meta['label']} ({FLAGS.mode}); reference: "
+  what = 'accelerator rows' if accel else meta['label']
+  print(report.format_rows(rows, title=f"\n{what} ({FLAGS.mode}); reference: "
                                        f"{report.REFERENCE['date']}, "
                                        f"{report.REFERENCE['machine']}; unit: "
                                        'matmul unit = seconds / one f32 4096^3 jnp.dot'))

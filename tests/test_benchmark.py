@@ -31,7 +31,7 @@ def test_validity_rule():
   loaded = report.validity(0.7, {'float32': 1.0}, {'float32': 1.0})
   assert not loaded['valid'] and 'load 0.70' in loaded['reasons'][0]
   drift = report.validity(0.2, {'float32': 1.0}, {'float32': 1.15})
-  assert not drift['valid'] and '15%' in drift['reasons'][0]
+  assert not drift['valid'] and '15.0%' in drift['reasons'][0]
   # The difference is relative to the faster peak, in either order.
   assert not report.validity(0.2, {'float32': 1.15}, {'float32': 1.0})['valid']
   assert not report.validity(float('nan'), {'float32': 1.0}, {'float32': 1.0})['valid']
@@ -133,6 +133,10 @@ def test_loop_helpers(tmp_path):
   train_source = open(os.path.join(REPO_ROOT, 'denseflow_jax', 'train.py')).read()
   assert f"'{loop.FIRST_STEP_LOG} in" in train_source
   assert loop.set_compute_dtype(t, 'float32')
+  if 'compute_dtype' not in t.model:  # configs of a version without mixed precision
+    assert not loop.set_compute_dtype(t, 'bfloat16') and 'compute_dtype' not in t.model
+    t.model.compute_dtype = 'float32'
+  assert loop.set_compute_dtype(t, 'bfloat16') and t.model.compute_dtype == 'bfloat16'
   argv = ['x', '--config', 'c.py', '--config.model.a', '1', '--steps=3', '--mode=cpu']
   assert measure.child_argv(argv, 'configs/tiny.py', REPO_ROOT, drop=('mode',)) == [
       f'--config={os.path.join(REPO_ROOT, "configs/tiny.py")}', '--steps=3']

@@ -125,7 +125,7 @@ def validity(load_at_start: float, peaks_before: Dict[str, float],
     diff = peak_difference(peaks_before.get(dtype), peaks_after.get(dtype))
     if diff > PEAK_TOLERANCE:
       reasons.append(f'{dtype} matmul peak before/after differ by '
-                     f'{"?" if math.isinf(diff) else f"{100 * diff:.0f}%"} > '
+                     f'{"?" if math.isinf(diff) else f"{100 * diff:.1f}%"} > '
                      f'{100 * PEAK_TOLERANCE:.0f}%')
   return {'valid': not reasons, 'reasons': reasons}
 
@@ -218,7 +218,15 @@ def row_name(row: Dict[str, Any]) -> str:
   return f"{row['kind']} {size}{dtype}"
 
 
-COLUMNS = ('row', 'seconds', 'matmul units', 'published units', 'speed vs published',
+SHORT_NAMES = {'tiny': 'tiny', 'denseflow_45_6': '45-6', 'denseflow_74_10': '74-10'}
+
+
+def short_label(row: Dict[str, Any]) -> str:
+  """'tiny', '45-6', '74-10' for the published configurations, else the row's label."""
+  return SHORT_NAMES.get(row.get('published_key')) or row.get('label', '?')
+
+
+COLUMNS = ('config', 'row', 'seconds', 'matmul units', 'published units', 'speed vs published',
            'target units', 'met', 'peak RSS GiB (published)', 'first step s', 'load',
            'dot before/after s', 'validity')
 
@@ -243,7 +251,7 @@ def table_cells(row: Dict[str, Any]) -> List[str]:
   speed = _fmt(row.get('speed_ratio'))
   if row.get('paper_gpu_seconds'):
     speed = f"paper GPU {row['paper_gpu_seconds']} s: {row['paper_gpu_speed_ratio']:.2f}x"
-  return [row_name(row), _fmt(row.get('seconds'), '.3f'), _fmt(row.get('units')),
+  return [short_label(row), row_name(row), _fmt(row.get('seconds'), '.3f'), _fmt(row.get('units')),
           _fmt(row.get('published_units')), speed + ('x' if row.get('speed_ratio') else ''),
           target, '-' if met is None else ('yes' if met else 'no'), rss,
           _fmt(row.get('first_step_s'), '.1f'), _fmt(row.get('load_at_start')), peaks,
@@ -263,8 +271,8 @@ def format_rows(rows: Sequence[Dict[str, Any]], title: str = '') -> str:
 # ----------------------------------------------------------------------------- BENCHMARKS.md
 
 TABLE_MARKER = '<!-- benchmark.py: rows above -->'
-TABLE_HEADER = ('| date | commit | config | ' + ' | '.join(COLUMNS[:-1]) + ' |\n'
-                '|---|---|---|' + '---|' * (len(COLUMNS) - 1))
+TABLE_HEADER = ('| date | commit | ' + ' | '.join(COLUMNS[:-1]) + ' |\n'
+                '|---|---|' + '---|' * (len(COLUMNS) - 1))
 
 
 def markdown_rows(report: Dict[str, Any], include_invalid: bool = False) -> List[str]:
@@ -278,8 +286,8 @@ def markdown_rows(report: Dict[str, Any], include_invalid: bool = False) -> List
       continue
     cells = table_cells(row)[:-1]
     if not row['valid']:
-      cells[0] += ' (NOT VALID)'
-    out.append(f"| {date} | {commit} | {row['label']} | " + ' | '.join(cells) + ' |')
+      cells[1] += ' (NOT VALID)'
+    out.append(f'| {date} | {commit} | ' + ' | '.join(cells) + ' |')
   return out
 
 
