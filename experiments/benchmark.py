@@ -36,9 +36,9 @@ timed calls; a row whose starting load exceeds 0.5 or whose two peaks differ by 
 is NOT VALID (`denseflow_jax.benchmarking.report.validity`). Each row prints seconds, the
 matmul unit (seconds / one such dot), the published reference in the same unit and the speed
 ratio (published units / ours: > 1 is faster), the target (1.3x faster than published), the
-peak RSS against the published one, the load and both peaks. `--out` writes the rows as JSON
-(rewritten after every row); `--markdown=BENCHMARKS.md` inserts the valid rows above the
-table marker there.
+peak RSS against the published one, the load and both peaks. The rows go to the JSON file of
+`--out` (rewritten after every row; by default in <tmp>/denseflow_benchmark/);
+`--markdown=BENCHMARKS.md` inserts the valid rows above the table marker there.
 
 Accelerator mode (`--mode=auto` picks it when `jax.default_backend()` is a GPU or TPU): the
 train step at batch `--accel_batch` (64) of every config in `--accel_configs` (tiny, 45-6,
@@ -113,7 +113,8 @@ flags.DEFINE_bool('cpu_tuning', True, 'Apply denseflow_jax.cpu_tuning in every r
 flags.DEFINE_bool('cost_checks', False, "Add XLA's FLOP counts of small programs against "
                   'analytic ones (in the first step row).')
 flags.DEFINE_string('label', '', 'Config name in the rows (default: derived from the config).')
-flags.DEFINE_string('out', '', 'JSON output path ("" = none).')
+flags.DEFINE_string('out', '', 'JSON output path (default: '
+                    '<tmp>/denseflow_benchmark/<config>_<UTC time>.json).')
 flags.DEFINE_string('markdown', '', 'Markdown file whose table gets the valid rows ("" = none).')
 flags.DEFINE_bool('markdown_invalid', False, 'Also insert NOT VALID rows into --markdown.')
 flags.DEFINE_string('note', '', 'Free text recorded with the rows.')
@@ -598,9 +599,14 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.job:
     run_child_job()
     return
-  if FLAGS.out:
-    cli.check_output_file('--out', FLAGS.out)
+  if not FLAGS.out:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
+    name = os.path.splitext(os.path.basename(FLAGS['config'].config_filename or 'config'))[0]
+    FLAGS.out = os.path.join(tempfile.gettempdir(), 'denseflow_benchmark', f'{name}_{stamp}.json')
+    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
+  cli.check_output_file('--out', FLAGS.out)
   result = run_parent(sys.argv)
+  print(f'rows written to {FLAGS.out}')
   if result['failed']:
     sys.exit(1)
 
