@@ -1,6 +1,8 @@
 r"""The Table-4 ablation: Glow vs DenseFlow coupling x {no augmentation, plain noise,
 pre-conditioned noise}, trained under identical settings and scored by test bits/dim (IWBO).
 
+Usage: python experiments/ablation.py --config=configs/ablation_small.py [--config.FIELD=VALUE]
+
 `python experiments/ablation.py --config configs/ablation_small.py \
    --config.ablation.output_dir=/tmp/ablation_run/out [--config.train.num_steps=300 ...]`
 
@@ -38,7 +40,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ablation_report import PLOT_PNG, RESULTS_JSON, TABLE_MD, VARIANTS, fmt, write_outputs
-from denseflow_jax import defaults
+from denseflow_jax import cli, defaults
 from denseflow_jax.benchmarking import measure
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -281,4 +283,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)  # --help exits 0; bad flags are one line

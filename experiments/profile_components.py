@@ -1,7 +1,7 @@
 """Per-component timing of DenseFlow's train step (microbenchmarks, not a profiler trace).
 
-  python experiments/profile_components.py --config=configs/tiny.py --batch_sizes=8,64 \
-      [--xla_flags] --out=/tmp/profile.json
+Usage: python experiments/profile_components.py --config=configs/tiny.py [--batch_sizes=8,64]
+         [--xla_flags] [--out=/tmp/profile.json]
 
 `jax.profiler` traces miss XLA:CPU's asynchronous dots and oneDNN calls, so this script times
 each network of the model on its own, at the shapes and counts it has inside the train step:
@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List
 from absl import app, flags
 from ml_collections import config_flags
 
+from denseflow_jax import cli
 from denseflow_jax.benchmarking import measure
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -312,4 +313,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)  # --help exits 0; bad flags are one line

@@ -1,9 +1,13 @@
-"""The benchmarking helpers shared by the experiment scripts: sampler, matmul peak, FLOPs."""
+"""The benchmarking helpers shared by the experiment scripts: sampler, matmul peak, FLOPs,
+child processes' own peak memory."""
 import os
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from denseflow_jax.benchmarking import flops, measure
 
@@ -18,14 +22,18 @@ def test_resource_sampler_sees_memory_and_load():
     del block
   assert sampler.peak_rss_gib >= measure.current_rss_gib() - 1e-3
   assert sampler.peak_rss_gib > 0.05
+  assert measure.hwm_rss_gib() >= sampler.peak_rss_gib - 1e-3
   load = sampler.load_summary()
   assert load['samples'] >= 2 and load['max'] >= load['mean'] >= 0
 
 
 def test_matmul_peak_and_timer():
   peak = measure.matmul_peak(n=64, reps=2)
-  assert peak['n'] == 64 and peak['median_s'] > 0
+  assert peak['n'] == 64 and peak['median_s'] > 0 and peak['dtype'] == 'float32'
   assert abs(peak['gflop_s'] - 2 * 64 ** 3 / peak['median_s'] / 1e9) < 1e-6 * peak['gflop_s']
+  assert measure.matmul_peak(n=32, reps=1, dtype='bfloat16')['dtype'] == 'bfloat16'
+  with pytest.raises(ValueError, match="dtype='float16'"):
+    measure.matmul_peak(n=32, reps=1, dtype='float16')
   t = measure.median_time(lambda: None, 3)
   assert len(t['times_s']) == 3 and t['min_s'] <= t['median_s'] <= t['max_s']
 
@@ -53,3 +61,21 @@ def test_counted_flops_of_dot_conv_and_scan():
   assert counts['dot'] == 2 * 8 * 16 * 4 + 3 * 2 * 8 * 16 * 16
   assert counts['conv'] == 2 * (2 * 5 * 5 * 6) * (3 * 9)  # zero padding counted
   assert flops.total(counts) == counts['dot'] + counts['conv']
+
+
+def test_wait_with_rusage_is_the_one_child():
+  """Each child's own peak RSS (not the maximum over all children), its status, a timeout."""
+  big = subprocess.Popen([sys.executable, '-c', 'b = bytearray(300 * 2 ** 20); b[::4096] = '
+                          'b"x" * len(b[::4096])'])
+  got = measure.wait_with_rusage(big, timeout=60)
+  assert got['returncode'] == 0 and not got['timed_out'] and got['peak_rss_gib'] > 0.28
+  small = subprocess.Popen([sys.executable, '-c', 'import sys; sys.exit(3)'])
+  assert measure.wait_with_rusage(small, timeout=60)['returncode'] == 3
+  # A child's own high-water mark excludes the parent's memory (ru_maxrss does not).
+  code = 'from denseflow_jax.benchmarking import measure; print(measure.hwm_rss_gib())'
+  hwm = float(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                             cwd=REPO_ROOT, check=True).stdout)
+  assert 0 < hwm < 0.2
+  slow = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+  got = measure.wait_with_rusage(slow, timeout=0.5)
+  assert got['timed_out'] and got['returncode'] != 0

@@ -5,9 +5,12 @@ experiments/profile_components.py and experiments/ablation.py.
   (one sampler thread for both), machine, device and git information, the XLA:CPU
   performance flags.
 - `flops`: matmul + convolution FLOPs counted from a jaxpr, and XLA's own counts.
-- `report`: the published PyTorch reference, the derived fractions of peak, and the rows
-  that go into BENCHMARKS.md.
+- `report`: the published reference (2026-12-01) in seconds and matmul units, the targets,
+  the validity rule of a row (load at its start, matmul peaks before and after), the matmul
+  unit and published comparison of a row, the printed table and the BENCHMARKS.md rows.
+- `loop`: the training-loop row's data, config, steady step time and first-step clock.
+- `measure.wait_with_rusage` / `hwm_rss_gib`: the peak memory of one child process.
 
-`measure` and `report` import JAX only inside the functions that need it, so a script can
+`measure`, `report` and `loop` import JAX only inside the functions that need it, so a script can
 read its flags and set `XLA_FLAGS` before JAX starts a backend.
 """

@@ -53,20 +53,24 @@ def benchmark_config(config, image_size: int, seed: int):
   return config
 
 
-def matmul_peak(n: int = 4096, reps: int = 7) -> Dict[str, Any]:
-  """The f32 matmul peak of this process: `median_s`, the median time of one `(n, n) @ (n, n)`
-  `jnp.dot` over `reps` calls after two warm-up calls, and `gflop_s = 2 n^3 / median_s`
-  (`best_gflop_s` from the fastest call).
+def matmul_peak(n: int = 4096, reps: int = 7, dtype: str = 'float32') -> Dict[str, Any]:
+  """The matmul peak of this process: `median_s`, the median time of one `(n, n) @ (n, n)`
+  `jnp.dot` in `dtype` ('float32' or 'bfloat16', default precision) over `reps` calls after
+  two warm-up calls, and `gflop_s = 2 n^3 / median_s` (`best_gflop_s` from the fastest call).
 
   The product is written into a donated buffer, so page faults of fresh output buffers are not
-  timed. Measure it right before the timings it scales, in the same process.
+  timed. Measure it right before (and after) the timings it scales, in the same process.
+  On GPUs the default precision of a float32 dot may use TF32 (as the model's own dots do).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"matmul_peak dtype={dtype!r}; expected 'float32' or 'bfloat16'")
+  dt = jnp.dtype(dtype)
   ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (n, n), jnp.float32)
-  b = jax.random.normal(kb, (n, n), jnp.float32)
-  out = jnp.zeros((n, n), jnp.float32)
+  a = jax.random.normal(ka, (n, n), jnp.float32).astype(dt)
+  b = jax.random.normal(kb, (n, n), jnp.float32).astype(dt)
+  out = jnp.zeros((n, n), dt)
   compiled = jax.jit(lambda a, b, out: jnp.dot(a, b), donate_argnums=(2,)).lower(
       a, b, out).compile()
   holder = [out]
@@ -78,9 +82,10 @@ def matmul_peak(n: int = 4096, reps: int = 7) -> Dict[str, Any]:
   for _ in range(2):
     call()
   t = median_time(call, reps)
+  del holder[0]
   flops = 2.0 * n ** 3
-  return {'n': n, 'reps': reps, 'median_s': t['median_s'], 'gflop_s': flops / t['median_s'] / 1e9,
-          'best_gflop_s': flops / t['min_s'] / 1e9}
+  return {'n': n, 'reps': reps, 'dtype': dtype, 'median_s': t['median_s'],
+          'gflop_s': flops / t['median_s'] / 1e9, 'best_gflop_s': flops / t['min_s'] / 1e9}
 
 
 def synthetic_images(model_cfg, n: int, seed: int):
@@ -105,6 +110,20 @@ def load_avg() -> float:
 def peak_rss_gib() -> float:
   """Peak resident memory of this process so far (`ru_maxrss`, includes compilation), GiB."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
+
+
+def hwm_rss_gib() -> float:
+  """Peak resident memory of this process's own address space so far (`VmHWM`, GiB): unlike
+  `ru_maxrss`, not raised by the resident size of the parent that started it. Falls back to
+  `peak_rss_gib()` where /proc is missing."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) * 1024 / GIB
+  except (OSError, ValueError, IndexError):
+    pass
+  return peak_rss_gib()
 
 
 def minor_faults() -> int:
@@ -229,3 +248,63 @@ def git_info(repo_root: str, ignore: Sequence[str] = ()) -> Dict[str, Any]:
   return {'commit': run('rev-parse', 'HEAD'),
           'dirty': bool(run('status', '--porcelain', '--untracked-files=no', '--', '.',
                             *excludes))}
+
+
+# ----------------------------------------------------------------------------- child processes
+
+
+def wait_with_rusage(proc, timeout: Optional[float] = None) -> Dict[str, Any]:
+  """Waits for the `subprocess.Popen` child `proc` and returns its own resource usage.
+
+  `{'returncode', 'peak_rss_gib', 'user_s', 'sys_s', 'timed_out'}`: the peak resident memory
+  of that one process (`os.wait4`; `RUSAGE_CHILDREN` would be the maximum over every child
+  waited for so far). Linux carries the parent's resident size at the fork into the child's
+  `ru_maxrss`, so this is at least the parent's RSS when it started the child; the child's
+  own `hwm_rss_gib()` does not include it. After `timeout` seconds the child is killed and
+  `timed_out` is True.
+  """
+  deadline = None if timeout is None else time.monotonic() + float(timeout)
+  timed_out = False
+  while True:
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if pid == proc.pid:
+      break
+    if deadline is not None and time.monotonic() > deadline:
+      proc.kill()
+      timed_out = True
+      _, status, usage = os.wait4(proc.pid, 0)
+      break
+    time.sleep(0.05)
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  return {'returncode': proc.returncode, 'peak_rss_gib': usage.ru_maxrss * 1024 / GIB,
+          'user_s': usage.ru_utime, 'sys_s': usage.ru_stime, 'timed_out': timed_out}
+
+
+def child_argv(argv: Sequence[str], config_path: Optional[str], repo_root: str,
+               drop: Sequence[str] = ()) -> list:
+  """A script's command-line flags (`argv[1:]`) for a child process that runs in `repo_root`.
+
+  `--config` paths become absolute; with `config_path` (relative to `repo_root`) that config
+  replaces `--config` and its `--config.*` overrides; flags named in `drop` are left out.
+  """
+  args, i, argv = [], 0, list(argv[1:])
+  while i < len(argv):
+    a = argv[i]
+    i += 1
+    name = a.split('=', 1)[0]
+    two_part = '=' not in a and (a == '--config' or a.startswith('--config.'))
+    value = argv[i] if two_part and i < len(argv) else None
+    if two_part:
+      i += 1
+    if name.lstrip('-') in drop:
+      continue
+    if a == '--config' or a.startswith('--config=') or a.startswith('--config.'):
+      if config_path is not None:
+        continue
+      if name == '--config':
+        path, sep, variant = (value if value is not None else a.split('=', 1)[1]).partition(':')
+        a, value = f'--config={os.path.abspath(path)}{sep}{variant}', None
+    args.append(a if value is None else f'{a}={value}')
+  if config_path is not None:
+    args.insert(0, f'--config={os.path.join(repo_root, config_path)}')
+  return args
