@@ -4,8 +4,9 @@ The config field and its checks; the nets computing in bfloat16 with float32 par
 BatchNorm statistics and outputs; bits/dim of the published tiny model's reference weights
 (`../shared/official_tiny`, skipped when absent) within 0.01 of float32; `decode(encode(x)) ==
 x` exactly with bfloat16 nets; a short bfloat16 training run that lowers the loss like float32.
-Models are micro DenseFlows on the 8x8 digits except for the tiny-model tests. The slowest
-test is the short training run (two train-step compiles and 2 x 40 steps of a micro model).
+Models are micro DenseFlows on the 8x8 digits except for the tiny-model tests. The slow ones
+(each 30-60 s on 2 shared cores, mostly compiling): the short training run (two train-step
+compiles, 2 x 40 steps of a micro model) and the two tiny-model tests.
 """
 import json
 import os
@@ -123,7 +124,8 @@ def test_nets_compute_in_bfloat16_with_float32_parameters_and_output(name):
 
 def test_context_net_in_bfloat16_returns_the_requested_dtype():
   x = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 8, 8, 3)), jnp.uint8)
-  net32, net16 = ContextNet(8, 8), ContextNet(8, 8, compute_dtype=jnp.bfloat16)
+  net32 = ContextNet(8, 8, depth=2, growth=4)
+  net16 = ContextNet(8, 8, depth=2, growth=4, compute_dtype=jnp.bfloat16)
   variables = {'params': perturbed(net32.init(jax.random.key(0), x)['params'])}
   ref, out = jax.jit(net32.apply)(variables, x), jax.jit(net16.apply)(variables, x)
   assert ref.dtype == out.dtype == jnp.float32 and out.shape == (2, 4, 4, 8)
@@ -177,7 +179,8 @@ def test_micro_model_bfloat16_log_prob_and_exact_roundtrip(micro):
 
 
 def test_short_bfloat16_training_lowers_the_loss_like_float32():
-  """40 steps from the same state, batches and noise: bfloat16 trains as float32 does."""
+  """40 steps from the same state, batches and noise: bfloat16 trains as float32 does (both
+  curves fall from ~5.6 to ~5.2 bpd; about 40 s on 2 cores, mostly the two compiles)."""
   steps = 40
   config = micro_config(num_steps=steps)
   mesh = parallel.make_mesh()
@@ -199,9 +202,10 @@ def test_short_bfloat16_training_lowers_the_loss_like_float32():
   f32, bf16 = losses['float32'], losses['bfloat16']
   assert np.all(np.isfinite(bf16))
   start, end32, end16 = f32[:5].mean(), f32[-10:].mean(), bf16[-10:].mean()
-  assert end32 < start - 0.5, f32             # the run is long enough to learn something
-  assert end16 < start - 0.5, bf16
-  assert abs(end16 - end32) < 0.1, (end16, end32)
+  curves = np.stack([f32, bf16], axis=1)
+  assert end32 < start - 0.2, curves          # the run is long enough to learn something
+  assert end16 < start - 0.2, curves
+  assert abs(end16 - end32) < 0.02, curves    # measured: the curves agree to ~1e-4 bpd
   state = finals['bfloat16']   # parameters, BatchNorm statistics, optimizer state: float32
   assert float_dtypes((state.params, state.batch_stats, state.opt_state)) == {'float32'}
 
