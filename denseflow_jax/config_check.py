@@ -20,6 +20,9 @@ _CHOICES = {
     'conv1x1': ('full', 'lu'),
 }
 
+# The dtypes the non-invertible nets may compute in (`model.compute_dtype`).
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockPlan:
@@ -82,6 +85,9 @@ def plan_model(cfg: ml_collections.ConfigDict) -> ModelPlan:
   for name in ('block_conf', 'layers_conf', 'mid_channels'):
     if not all(is_integer(v) for v in getattr(cfg, name)):
       raise ValueError(f'model.{name} = {tuple(getattr(cfg, name))}; expected integers')
+  compute_dtype = cfg.get('compute_dtype', 'float32')  # absent in older configs: float32
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f'model.compute_dtype = {compute_dtype!r}; expected one of {COMPUTE_DTYPES}')
   momentum, epsilon = cfg.get('bn_momentum', 0.9), cfg.get('bn_epsilon', 1e-5)
   if not (is_real(momentum) and 0 <= momentum < 1 and is_real(epsilon)
           and math.isfinite(epsilon) and epsilon > 0):

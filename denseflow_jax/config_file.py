@@ -10,8 +10,9 @@ import ml_collections
 from denseflow_jax import defaults
 
 CONFIG_FILE = 'config.json'
-# Model fields that may change between runs that share parameters.
-IMPLEMENTATION_ONLY_FIELDS = ('remat',)
+# Model fields that may change between runs that share parameters (a workdir trained in
+# float32 can be evaluated or fine-tuned with `compute_dtype='bfloat16'` and back).
+IMPLEMENTATION_ONLY_FIELDS = ('remat', 'compute_dtype')
 
 
 def _tuples(value: Any) -> Any:

@@ -44,6 +44,7 @@ def get_model_config() -> ml_collections.ConfigDict:
   # Implementation options (do not change the model's function).
   m.conv1x1 = 'full'                # 'full' (slogdet) or 'lu' (LU-parameterised)
   m.remat = False                   # rematerialise each glow-like module in the backward pass
+  m.compute_dtype = 'float32'       # 'float32' or 'bfloat16': dtype the nets compute in (README)
   m.bn_momentum = 0.9               # flax convention (PyTorch momentum 0.1)
   m.bn_epsilon = 1e-5
   return m

@@ -11,6 +11,13 @@ BatchNorm (coupling-net fusion only): `train=True` uses batch statistics and upd
 when sampling) uses the running averages, so `log_prob` in eval mode is a deterministic function
 of the input and the `noise` rng.
 
+Precision: `config.compute_dtype` ('float32' or 'bfloat16', `net_compute_dtype`) is the dtype
+the non-invertible nets compute in (coupling nets, noise nets, the dequantizer's context and
+coupling nets); parameters, BatchNorm statistics and everything that enters a log-determinant
+or an inverse (ActNorm, 1x1 convs, the affine arithmetic, the base density) stay float32.
+`encode` and `decode` compute the nets in float32 whatever the setting (`float32_nets`), so
+that `decode(encode(x)) == x` holds for a bfloat16 model too.
+
 Random draws: the public methods are traced with `jax.threefry_partitionable(False)` unless
 the caller chose a value (see `fast_rng`). PRNG keys may be typed (`jax.random.key`) or raw
 `uint32[2]` (`jax.random.PRNGKey`).
@@ -38,7 +45,8 @@ from denseflow_jax.bijectors.dequantize import (UniformDequantization, Variation
                                                 check_integer_images)
 from denseflow_jax.bijectors.split import SqueezeAndDrop
 from denseflow_jax.bijectors.squeeze import ChannelSwap, squeeze2x2, unsqueeze2x2
-from denseflow_jax.nets.coupling_nets import DenseFlowCouplingNet, GlowCouplingNet, NoiseNet
+from denseflow_jax.nets.coupling_nets import (DenseFlowCouplingNet, GlowCouplingNet, NoiseNet,
+                                              float32_nets)
 from denseflow_jax.config_check import ModelPlan, plan_model
 
 Latents = Dict[str, Any]
@@ -93,6 +101,18 @@ def fast_rng(method):
   return wrapped
 
 
+def net_compute_dtype(cfg: ml_collections.ConfigDict) -> Optional[Any]:
+  """The `compute_dtype` the nets get from `cfg.compute_dtype`: None for 'float32' (compute in
+  the model's float dtype; a config without the field counts as 'float32'), `jnp.bfloat16`
+  for 'bfloat16'. ValueError for anything else."""
+  name = cfg.get('compute_dtype', 'float32')
+  if name == 'float32':
+    return None
+  if name == 'bfloat16':
+    return jnp.bfloat16
+  raise ValueError(f"model.compute_dtype = {name!r}; expected 'float32' or 'bfloat16'")
+
+
 class GlowModule(nn.Module):
   """One glow-like module: ActNorm -> invertible 1x1 conv -> affine coupling -> channel swap.
 
@@ -116,9 +136,10 @@ class GlowModule(nn.Module):
           2 * c2, self.mid_channels, dense_depth=cfg.dense_depth, dense_growth=cfg.dense_growth,
           num_landmarks=cfg.num_landmarks, pinv_iterations=cfg.pinv_iterations,
           attention_layout=cfg.attention_layout, bn_momentum=cfg.bn_momentum,
-          bn_epsilon=cfg.bn_epsilon, name='coupling_net')
+          bn_epsilon=cfg.bn_epsilon, compute_dtype=net_compute_dtype(cfg), name='coupling_net')
     else:
-      net = GlowCouplingNet(2 * c2, hidden=cfg.glow_hidden, name='coupling_net')
+      net = GlowCouplingNet(2 * c2, hidden=cfg.glow_hidden, compute_dtype=net_compute_dtype(cfg),
+                            name='coupling_net')
     conv_cls = LUConv1x1 if cfg.conv1x1 == 'lu' else Conv1x1
     actnorm, conv, coupling = ActNorm(name='actnorm'), conv_cls(name='conv1x1'), AffineCoupling(
         net, name='coupling')
@@ -178,7 +199,8 @@ class FlowBlock(nn.Module):
   def _augment(self, j: int) -> CrossUnitCoupling:
     cfg = self.cfg
     plain = cfg.noise == 'plain'
-    net = None if plain else NoiseNet(cfg.growth_rate, name=f'noise_net_{j}')
+    net = None if plain else NoiseNet(cfg.growth_rate, compute_dtype=net_compute_dtype(cfg),
+                                      name=f'noise_net_{j}')
     return CrossUnitCoupling(cfg.growth_rate, net, plain=plain, name=f'augment_{j}')
 
   @nn.compact
@@ -224,7 +246,8 @@ class DenseFlow(nn.Module):
     cfg = self.config
     if cfg.dequantization == 'variational':
       self.dequantizer = VariationalDequantization(num_bits=cfg.num_bits, steps=cfg.deq_steps,
-                                                   context_channels=cfg.deq_context_channels)
+                                                   context_channels=cfg.deq_context_channels,
+                                                   compute_dtype=net_compute_dtype(cfg))
     else:
       self.dequantizer = UniformDequantization(cfg.num_bits)
     self.blocks = [FlowBlock(cfg, b) for b in range(len(cfg.block_conf))]
@@ -351,10 +374,12 @@ class DenseFlow(nn.Module):
   def encode(self, x: Array, noise: Optional[Dict[str, Array]] = None) -> Latents:
     """Images -> latents `{'z': final latent, 'dropped': [dropped half of each transition]}`.
 
-    Uses evaluation-mode BatchNorm and one noise draw; `decode(encode(x)) == x`.
+    Uses evaluation-mode BatchNorm and one noise draw; `decode(encode(x)) == x`. The nets
+    compute in float32 even with `compute_dtype='bfloat16'` (see the module docstring).
     """
     self._check_input(x, 'encode')
-    z, dropped, _, _ = self._forward(x, False, noise)
+    with float32_nets():
+      z, dropped, _, _ = self._forward(x, False, noise)
     return {'z': z, 'dropped': dropped}
 
   def flow_inverse(self, z: Array, dropped: Sequence[Optional[Array]],
@@ -374,14 +399,17 @@ class DenseFlow(nn.Module):
 
   @fast_rng
   def decode(self, latents: Latents) -> Array:
-    """Latents (as returned by `encode`) -> integer images `(N, H, W, C)` (uint8 for <= 8 bits)."""
+    """Latents (as returned by `encode`) -> integer images `(N, H, W, C)` (uint8 for <= 8 bits).
+
+    The nets compute in float32 whatever `compute_dtype` says, like `encode`."""
     z = latents['z']
     expected = self.plan.latent_shape
     if tuple(z.shape[1:]) != expected:
       raise ValueError(f'DenseFlow.decode: expected z of shape (N,) + {expected}, got '
                        f'{tuple(z.shape)}')
     dropped = list(latents.get('dropped', [None] * len(self.transitions)))
-    return self._inverse(z, dropped, 1.0)
+    with float32_nets():
+      return self._inverse(z, dropped, 1.0)
 
   @fast_rng
   def sample(self, num: int, temperature: float = 1.0) -> Array:

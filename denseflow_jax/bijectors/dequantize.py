@@ -71,22 +71,27 @@ class VariationalDequantization(Bijector):
   the draw itself, `(u, log q(u|x))`, for the same `eps`.
   Inverse floors and clips to `[0, 2^bits - 1]`; given the integer image as `x_int` it also
   evaluates `log q(u|x)` exactly (by inverting q) and returns the negated forward log-det.
-  The fields are keyword-only.
+  The fields are keyword-only. `compute_dtype` (None or `jnp.bfloat16`) is the dtype the
+  context and coupling nets compute in (see `denseflow_jax.nets.coupling_nets`); q's own
+  arithmetic (base, 1x1 convs, affine steps, sigmoid, log q) stays in the input's float dtype.
   """
   _: dataclasses.KW_ONLY
   num_bits: int = 8
   steps: int = 4
   context_channels: int = 64
+  compute_dtype: Optional[Any] = None
 
   @nn.compact
   def _q(self, channels: int) -> Dict[str, Any]:
     """The parts of q on `channels` (= 4C) squeezed channels: nets, base parameters, steps."""
     return dict(
-        context_net=ContextNet(self.num_bits, self.context_channels, name='context_net'),
+        context_net=ContextNet(self.num_bits, self.context_channels,
+                               compute_dtype=self.compute_dtype, name='context_net'),
         loc=self.param('base_loc', nn.initializers.zeros, (channels,)),
         log_scale=self.param('base_log_scale', nn.initializers.zeros, (channels,)),
         mixers=[Conv1x1(name=f'mix_{k}') for k in range(self.steps + 1)],
-        couplings=[AffineCoupling(ConditionalCouplingNet(2 * (channels // 2)),
+        couplings=[AffineCoupling(ConditionalCouplingNet(2 * (channels // 2),
+                                                         compute_dtype=self.compute_dtype),
                                   name=f'coupling_{k}') for k in range(self.steps)])
 
   def __call__(self, x: Array, inverse: bool = False, *, eps: Optional[Array] = None,

@@ -153,7 +153,8 @@ class BatchNorm(nn.Module):
   momentum 0.9 is PyTorch's 0.1). `train=False`: normalise with the running averages, a
   deterministic function of the input. Under `jax.jit` with a sharded batch the statistics are
   those of the global batch. Parameters `scale` (init 1) and `bias` (init 0). `momentum` and
-  `epsilon` are keyword-only.
+  `epsilon` are keyword-only. A bfloat16 input is normalised in float32 (statistics included)
+  and the result cast back to bfloat16; float32 and float64 inputs stay in their own dtype.
   """
   _: dataclasses.KW_ONLY
   momentum: float = 0.9
@@ -164,6 +165,8 @@ class BatchNorm(nn.Module):
     c = x.shape[-1]
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    in_dtype = x.dtype
+    x = x.astype(jnp.promote_types(in_dtype, jnp.float32))  # bfloat16 -> float32, else as is
     scale = self.param('scale', nn.initializers.ones, (c,)).astype(x.dtype)
     bias = self.param('bias', nn.initializers.zeros, (c,)).astype(x.dtype)
     if train:
@@ -179,4 +182,4 @@ class BatchNorm(nn.Module):
         ra_var.value = m * ra_var.value + (1 - m) * unbiased.astype(ra_var.value.dtype)
     else:
       mean, var = ra_mean.value.astype(x.dtype), ra_var.value.astype(x.dtype)
-    return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return ((x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias).astype(in_dtype)
