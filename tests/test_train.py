@@ -140,29 +140,51 @@ def test_train_step_skips_nonfinite_update():
   np.testing.assert_allclose(history[3][1]['learning_rate'], schedule(3))
 
 
-def test_stops_after_consecutive_nonfinite_and_keeps_last_good_checkpoint(tmp_path):
-  """The last finite state is on disk when a streak stops the run, and the message names it.
+def _checkpoint_steps(workdir):
+  return sorted(int(s) for s in os.listdir(checkpoint.checkpoint_dir(workdir)) if s.isdigit())
 
-  Steps 0-2 finite (checkpoint 3), 3-4 skipped (checkpoint 3 already holds their parameters:
-  nothing saved), 5-7 finite (checkpoint 6; 7 and 8 unsaved), then a streak from step 8: its
-  first skip saves checkpoint 9 with the parameters after step 8, and the stop names it.
+
+def test_stops_after_consecutive_nonfinite_and_keeps_last_good_checkpoint(tmp_path):
+  """Skips are seen at check points (log every 5, checkpoint every 3); limit 3 in a row.
+
+  Run 1: steps 0-2 finite (checkpoint 3); 3-4 skipped (check points 5 and 6: checkpoint 3
+  already holds their state, nothing saved; 6 is finite again); 5-7 finite; 8-10 skipped:
+  check point 9 saves the state of the streak (the parameters after step 8), 10 sees 2 in a
+  row, step 11 is finite again, and check point 12 stops the run for the 3 skips it did not
+  see in a row, after saving its (finite) state. Run 2 resumes from 12: 12-13 finite, skips
+  from step 14 on: check point 15 saves the state of the streak, check point 18 stops (4 in a
+  row by then) without another checkpoint and names checkpoint 15.
   """
-  config = micro_config(num_steps=20, checkpoint_every=3, max_consecutive_nonfinite=4)
+  config = micro_config(num_steps=30, log_every=5, checkpoint_every=3,
+                        max_consecutive_nonfinite=3, keep_checkpoints=10)
   workdir = str(tmp_path / 'run')
-  with pytest.raises(train.NonFiniteError) as info:
-    train.train_and_evaluate(config, workdir, nonfinite_steps=[3, 4, *range(8, 20)])
   directory = checkpoint.checkpoint_dir(workdir)
-  message = str(info.value)
-  assert message.startswith('4 consecutive training steps (up to step 11)')
-  assert (f'Checkpoint 9 in {directory} holds the last finite state (the parameters after '
-          'step 8)') in message
-  steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
-  assert steps == [3, 6, 9]  # none saved for the first streak, one when the second starts
-  _, variables = checkpoint.load_variables(workdir)
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
-  rows = artifacts.read_metrics(workdir)
-  assert [r['skipped_steps'] for r in rows if r['step'] > 8 and 'skipped_steps' in r] == [1.0] * 4
-  assert checkpoint.verify_manifest(os.path.join(directory, '9'))
+  poison = [3, 4, 8, 9, 10, *range(14, 30)]
+  with pytest.raises(train.NonFiniteError) as info:
+    train.train_and_evaluate(config, workdir, nonfinite_steps=poison)
+  assert str(info.value).startswith('3 consecutive training steps (up to step 10)')
+  assert (f'Checkpoint 12 in {directory} holds the last finite state (the parameters after '
+          'step 12)') in str(info.value)
+  assert _checkpoint_steps(workdir) == [3, 6, 9, 12]
+  params = {step: checkpoint.load_variables(workdir, step=step)[1]['params']
+            for step in (6, 9, 12)}
+
+  with pytest.raises(train.NonFiniteError) as info:
+    train.train_and_evaluate(config, workdir, nonfinite_steps=poison)
+  assert str(info.value).startswith('4 consecutive training steps (up to step 17)')
+  assert (f'Checkpoint 15 in {directory} holds the last finite state (the parameters after '
+          'step 14)') in str(info.value)
+  assert _checkpoint_steps(workdir) == [3, 6, 9, 12, 15]  # none at 18, inside the streak
+  step, variables = checkpoint.load_variables(workdir)
+  assert step == 15 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+  assert checkpoint.verify_manifest(os.path.join(directory, '15'))
+  changed = lambda a, b: not all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+  assert changed(params[6], params[9])  # steps 6-7 updated, step 8 was skipped
+  assert changed(params[12], variables['params'])  # steps 12-13 updated
+  rows = [r for r in artifacts.read_metrics(workdir) if 'skipped_steps' in r]
+  assert [(r['step'], r['skipped_steps']) for r in rows] == [
+      (5, 2.0), (10, 2.0), (12, 1.0), (15, 1.0), (18, 3.0)]
+  assert 'train_bpd' in rows[2] and 'train_bpd' not in rows[4]  # no finite step in 15-17
 
 
 # ----------------------------------------------------------------------------- config checks
