@@ -171,7 +171,7 @@ def make_train_step(model: DenseFlow, tx: optax.GradientTransformation, schedule
   multiplied by NaN at those steps (fault injection for the skip logic).
   """
   rep, bat = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
-  poison = jnp.asarray(sorted(set(int(s) for s in nonfinite_steps)), jnp.int32)
+  poison = np.asarray(sorted(set(int(s) for s in nonfinite_steps)), np.int32)  # no device constant
 
   def step_fn(state: TrainState, batch: jax.Array):
     noise_key = jax.random.fold_in(state.rng, state.step)

@@ -140,11 +140,73 @@ def test_train_step_skips_nonfinite_update():
   np.testing.assert_allclose(history[3][1]['learning_rate'], schedule(3))
 
 
+# ----------------------------------------------------------------------------- the loop
+
+
 def _checkpoint_steps(workdir):
   return sorted(int(s) for s in os.listdir(checkpoint.checkpoint_dir(workdir)) if s.isdigit())
 
 
-def test_stops_after_consecutive_nonfinite_and_keeps_last_good_checkpoint(tmp_path):
+@pytest.fixture
+def toy_loop(monkeypatch):
+  """The real training loop on `ToyFlow` (compiles in a moment), per-step fetches an error.
+
+  The loop runs its per-step work under `jax.transfer_guard_device_to_host(
+  'disallow_explicit')` (`train.STEP_TRANSFER_GUARD`). On an accelerator the guard itself
+  raises at a fetch; XLA:CPU hands arrays to numpy without a copy, which the guard does not
+  check, so while that guard level is set this fixture makes the ways to fetch a jax.Array
+  raise the guard's error: reading `ArrayImpl._value` (float, bool, int, item, tolist,
+  `__array__`, jax.device_get) and np.asarray / np.array (which read CPU arrays through the
+  buffer protocol).
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src import array as jax_array, config as jax_config
+  monkeypatch.setattr(train, 'DenseFlow', ToyFlow)
+  monkeypatch.setattr(train, 'STEP_TRANSFER_GUARD', 'disallow_explicit')
+
+  def check(x):
+    if (isinstance(x, jax.Array) and
+        jax_config.transfer_guard_device_to_host.value == 'disallow_explicit'):
+      raise RuntimeError(f'Disallowed device-to-host transfer: shape={x.shape}, '
+                         f'dtype={x.dtype}')
+
+  fetch = jax_array.ArrayImpl._value
+  monkeypatch.setattr(jax_array.ArrayImpl, '_value',
+                      property(lambda self: check(self) or fetch.fget(self)))
+  for name in ('asarray', 'array'):
+    to_numpy = getattr(np, name)
+    monkeypatch.setattr(np, name, lambda x, *a, _f=to_numpy, **k: check(x) or _f(x, *a, **k))
+
+
+def test_per_step_work_fetches_nothing_from_the_devices(tmp_path, toy_loop, monkeypatch):
+  """8 steps (log every 4, checkpoint every 3, step 5 skipped) run with every fetch between
+  check points an error; a step that fetches its loss fails at once."""
+  workdir = str(tmp_path / 'run')
+  config = micro_config(num_steps=8, log_every=4, checkpoint_every=3)
+  steps = []
+  make_train_step = train.make_train_step
+  monkeypatch.setattr(train, 'make_train_step',
+                      lambda *a, **k: steps.append(make_train_step(*a, **k)) or steps[-1])
+  state = train.train_and_evaluate(config, workdir, nonfinite_steps=[5])
+  assert int(state.step) == 8
+  assert _checkpoint_steps(workdir) == [3, 6, 8]  # 6: the state of the skipped step 5
+  rows = [r for r in artifacts.read_metrics(workdir) if 'train_bpd' in r]
+  assert [(r['step'], r['skipped_steps']) for r in rows] == [(4, 0.0), (8, 1.0)]
+  assert all(r['steps_per_sec'] > 0 and np.isfinite(r['train_bpd']) for r in rows)
+
+  def fetching_step(state, batch):  # what the loop must not do: a fetch at every step
+    state, metrics = steps[0](state, batch)
+    float(metrics['loss'])
+    return state, metrics
+
+  monkeypatch.setattr(train, 'make_train_step', lambda *a, **k: fetching_step)
+  with pytest.raises(Exception, match='Disallowed device-to-host transfer'):
+    train.train_and_evaluate(micro_config(num_steps=12, log_every=4, checkpoint_every=3),
+                             workdir)
+  assert _checkpoint_steps(workdir) == [3, 6, 8]
+
+
+def test_stops_after_consecutive_nonfinite_and_keeps_last_good_checkpoint(tmp_path, toy_loop):
   """Skips are seen at check points (log every 5, checkpoint every 3); limit 3 in a row.
 
   Run 1: steps 0-2 finite (checkpoint 3); 3-4 skipped (check points 5 and 6: checkpoint 3
