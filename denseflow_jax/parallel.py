@@ -151,15 +151,19 @@ def prefetch_to_mesh(batches: Iterable[Any], mesh: Mesh, ahead: int = 1) -> Iter
   batches past the last one consumed. `ahead=0`: no prefetching.
   """
   if ahead < 0:
-    raise ValueError(f'ahead={ahead} must be >= 0')
+    raise ValueError(f'prefetch_to_mesh: ahead={ahead} must be >= 0')
   source = iter(batches)
-  queue = collections.deque(shard_batch(b, mesh) for b in itertools.islice(source, ahead))
-  while True:
-    for b in itertools.islice(source, 1):
-      queue.append(shard_batch(b, mesh))
-    if not queue:
-      return
-    yield queue.popleft()
+
+  def generate():
+    queue = collections.deque(shard_batch(b, mesh) for b in itertools.islice(source, ahead))
+    while True:
+      for b in itertools.islice(source, 1):
+        queue.append(shard_batch(b, mesh))
+      if not queue:
+        return
+      yield queue.popleft()
+
+  return generate()
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:

@@ -147,6 +147,29 @@ def _checkpoint_steps(workdir):
   return sorted(int(s) for s in os.listdir(checkpoint.checkpoint_dir(workdir)) if s.isdigit())
 
 
+def test_prefetch_to_mesh_places_the_next_batch_before_handing_out_one():
+  mesh = parallel.make_mesh()
+  read = []
+
+  def source(n):
+    for i in range(n):
+      read.append(i)
+      yield np.full((2 * jax.device_count(), 3), i, np.uint8)
+
+  batches = parallel.prefetch_to_mesh(source(3), mesh)
+  assert read == []  # nothing read before the first batch is asked for
+  first = next(batches)
+  assert read == [0, 1]  # batch 1 is on its way to the devices while step 0 runs
+  assert first.sharding == parallel.batch_sharding(mesh) and first.shape == (
+      2 * jax.device_count(), 3)
+  assert [int(np.asarray(b)[0, 0]) for b in batches] == [1, 2] and read == [0, 1, 2]
+  read.clear()
+  lazy = parallel.prefetch_to_mesh(source(2), mesh, ahead=0)
+  assert int(np.asarray(next(lazy))[-1, -1]) == 0 and read == [0]
+  with pytest.raises(ValueError, match='ahead=-1 must be >= 0'):
+    parallel.prefetch_to_mesh(source(1), mesh, ahead=-1)
+
+
 @pytest.fixture
 def toy_loop(monkeypatch):
   """The real training loop on `ToyFlow` (compiles in a moment), per-step fetches an error.
