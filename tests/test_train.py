@@ -1,9 +1,10 @@
 """Tests for denseflow_jax.train and optim: schedule, optimizer, the train step's non-finite
-handling, the stop after consecutive non-finite steps, config checks, artifacts and the JSONL
-metrics writer. The in-loop evaluation and remat are in test_evaluation.py.
+handling, the loop (no device-to-host transfer between check points, batches prefetched to
+the devices, the stop after consecutive non-finite steps), config checks, artifacts and the
+JSONL metrics writer. The in-loop evaluation and remat are in test_evaluation.py.
 
 The model is a micro DenseFlow on the 8x8 digits (one block, one module per unit, width 4,
-uniform dequantization) so that compiles stay short.
+uniform dequantization) so that compiles stay short; the loop tests use `ToyFlow`.
 """
 import json
 import os
