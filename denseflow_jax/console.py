@@ -2,7 +2,7 @@
 end-of-run summary (the parameter table goes to `<workdir>/parameters.txt`)."""
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from clu import parameter_overview
 import jax
@@ -45,19 +45,29 @@ class ProgressLine:
   def first_step_done(self) -> None:
     self.last_step, self.last_time = self.last_step + 1, time.monotonic()
 
-  def line(self, step: int, scalars: Dict[str, float]) -> str:
+  def steps_per_sec(self, step: int) -> Optional[float]:
+    """Steps per second since the previous call (or the first step); None if no step since.
+
+    Call it once per report, after the device has finished the steps up to `step`.
+    """
+    if step <= self.last_step:
+      return None
     now = time.monotonic()
-    rate = (step - self.last_step) / (now - self.last_time) if step > self.last_step else 0.0
-    if step > self.last_step:
-      self.last_step, self.last_time = step, now
-    eta = format_seconds((self.total - step) / rate) if rate > 0 else '?'
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    return rate
+
+  def line(self, step: int, scalars: Dict[str, float]) -> str:
+    """The line for `scalars` (train_bpd, skipped_steps, learning_rate, steps_per_sec)."""
+    rate = scalars.get('steps_per_sec')
+    eta = format_seconds((self.total - step) / rate) if rate else '?'
     bpd = scalars.get('train_bpd')
     text = f'step {step}/{self.total} ({100.0 * step / self.total:.0f}%): ' + (
         f'train bpd {bpd:.4f}' if bpd is not None else 'no finite step')
     skipped = int(scalars.get('skipped_steps', 0))
     return (text + (f', {skipped} skipped' if skipped else '') +
-            f', {rate:.1f} steps/s, lr {scalars["learning_rate"]:.3g}, elapsed '
-            f'{format_seconds(now - self.t0)}, ETA {eta}')
+            f', {rate or 0.0:.1f} steps/s, lr {scalars["learning_rate"]:.3g}, elapsed '
+            f'{format_seconds(self.elapsed())}, ETA {eta}')
 
 
 def run_summary(workdir: str, state, total: int, last: Dict[str, float], progress) -> str:

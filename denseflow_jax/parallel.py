@@ -24,7 +24,8 @@ Why `jax.jit` + `NamedSharding` rather than `pmap` or `shard_map`:
 
 Multi-host: `initialize_distributed` starts `jax.distributed`; each process reads only its
 slice of every global batch (`denseflow_jax.data` with `process_index/process_count`) and
-`shard_batch` assembles the global array with `jax.make_array_from_process_local_data`. The
+`shard_batch` assembles the global array with `jax.make_array_from_process_local_data`
+(`prefetch_to_mesh` does it one batch ahead of the training step). The
 mesh lists devices sorted by id, so process p's devices hold rows [p B/P, (p+1) B/P) of the
 global batch, which is exactly the slice `data.py` gives process p.
 
@@ -32,9 +33,11 @@ PRNG keys may be typed (`jax.random.key`, dtype `key<...>`) or raw `uint32` arra
 (`jax.random.PRNGKey`): `shard_batch`, `replicate`, `to_host` and `ShardedModel` move typed keys
 through their `jax.random.key_data` and give back typed keys of the same implementation.
 """
+import collections
+import itertools
 import math
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, Optional, Sequence
 
 from absl import logging
 import jax
@@ -137,6 +140,30 @@ def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree.map(lambda x: _through_key_data(put, x), local_batch)
+
+
+def prefetch_to_mesh(batches: Iterable[Any], mesh: Mesh, ahead: int = 1) -> Iterator[Any]:
+  """`shard_batch(b, mesh)` for every `b` of `batches`, placed `ahead` batches in advance.
+
+  Batch i + ahead is handed to the devices (`shard_batch`, an asynchronous host-to-device copy)
+  just before batch i is yielded, so in a loop that dispatches an asynchronous step on each
+  batch the copy of the next batch runs while the current step does. Reads at most `ahead`
+  batches past the last one consumed. `ahead=0`: no prefetching.
+  """
+  if ahead < 0:
+    raise ValueError(f'prefetch_to_mesh: ahead={ahead} must be >= 0')
+  source = iter(batches)
+
+  def generate():
+    queue = collections.deque(shard_batch(b, mesh) for b in itertools.islice(source, ahead))
+    while True:
+      for b in itertools.islice(source, 1):
+        queue.append(shard_batch(b, mesh))
+      if not queue:
+        return
+      yield queue.popleft()
+
+  return generate()
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:

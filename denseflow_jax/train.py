@@ -25,13 +25,36 @@ Semantics:
 - Learning rate and optimizer: `optim.py` (warm-up, per-epoch staircase, clipped Adamax; the
   rate is a function of the global step, so a skipped update does not shift the schedule).
 - Non-finite loss or gradient: the update is skipped inside the jitted step (params,
-  optimizer state and BatchNorm statistics keep their values, the step counter advances to the
-  next batch); `max_consecutive_nonfinite` skips in a row stop training with
-  `NonFiniteError`. The last finite state is always on disk by then: the first skip of a run
-  of skipped steps saves a checkpoint (its parameters are those of the last finite update)
-  unless one written since that update exists, and the error names that checkpoint. No
-  periodic checkpoint is written during a run of skipped steps, and none from a non-finite
-  state.
+  optimizer state and BatchNorm statistics keep their values; the step counter advances to the
+  next batch) and `state.nonfinite` counts the skipped steps in a row, on the device. The host
+  sees skips only at its check points (next item):
+  - Stop: once a run of skipped steps has reached `max_consecutive_nonfinite`, the next check
+    point raises `NonFiniteError` (up to `log_every` steps later; the skipped steps in between
+    change nothing but the step counter). A run that reached the limit and ended before the
+    check point stops training as well.
+  - The last finite state is on disk by then, and the error names its checkpoint. A skipped
+    update leaves the state as the last finite update made it, so the state at a check point
+    inside a run of skipped steps *is* the last finite state (with a later step counter and
+    its skip count, so a resume from it goes on exactly as the uninterrupted run would); such
+    a check point saves it unless a checkpoint written since that update exists. That is the
+    only checkpoint taken from a state whose last step was skipped (at most one per run of
+    skipped steps, besides the one of a SIGINT/SIGTERM, which holds the same parameters); the
+    other periodic checkpoints during a run of skipped steps are left out. When the run that
+    reached the limit has ended before the check point, the state there is finite and is
+    saved.
+- Check points and host transfers: between check points the loop moves nothing from the
+  devices to the host (the next batch goes to the devices while the current step runs,
+  `parallel.prefetch_to_mesh`; `STEP_TRANSFER_GUARD` can make a transfer there an error). The
+  check points are the log points (every `log_every` steps), the checkpoint points (every
+  `checkpoint_every` steps), the last step and a received SIGINT/SIGTERM. There the loop
+  fetches, in one transfer, the skip count and the train metrics accumulated on the device
+  since the last log point (float32 sums of the loss and gradient norm over the finite steps,
+  counts of finite and skipped steps, the last learning rate, the longest run of skipped
+  steps). At log points it writes them (`train_bpd`, `grad_norm`: means over the finite steps;
+  `skipped_steps`, `learning_rate`, `epoch`, and `steps_per_sec` since the previous log point,
+  the first step and its compilation excluded) and starts a new window; the stop for skipped
+  steps writes the window it ends. Evaluations at `eval_every` steps and checkpoint saves
+  transfer what they need.
 - The workdir: a training run holds `<workdir>/train.lock` (`workdir_lock`) from start to end;
   a second run on the same workdir stops at once with `WorkdirLockedError` naming the holder.
   A checkpoint that cannot be written (full disk, I/O or permission error) stops the run with
@@ -50,7 +73,7 @@ Semantics:
   `TrainingInterrupted`. On several hosts the processes agree on stopping every `log_every`
   steps (send the signal to all of them).
 """
-import dataclasses
+import contextlib
 import os
 import signal
 import threading
@@ -148,7 +171,7 @@ def make_train_step(model: DenseFlow, tx: optax.GradientTransformation, schedule
   multiplied by NaN at those steps (fault injection for the skip logic).
   """
   rep, bat = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
-  poison = jnp.asarray(sorted(set(int(s) for s in nonfinite_steps)), jnp.int32)
+  poison = np.asarray(sorted(set(int(s) for s in nonfinite_steps)), np.int32)  # no device constant
 
   def step_fn(state: TrainState, batch: jax.Array):
     noise_key = jax.random.fold_in(state.rng, state.step)
@@ -280,27 +303,119 @@ def _restore_or_init(config, workdir, ckpts, init_fn, tx, data, mesh, abstract) 
   return init_fn(first)
 
 
-@dataclasses.dataclass
-class _Window:
-  """Train metrics accumulated between two log points (finite steps only for the means)."""
-  loss: float = 0.0
-  grad_norm: float = 0.0
-  finite: int = 0
-  skipped: int = 0
+def _empty_window(mesh) -> Dict[str, jax.Array]:
+  """The device-side train metrics of a log window before its first step (replicated)."""
+  return parallel.replicate({
+      'loss': np.float32(0), 'grad_norm': np.float32(0),  # sums over the finite steps
+      'finite': np.int32(0), 'skipped': np.int32(0),       # step counts
+      'learning_rate': np.float32(0),                      # of the last step
+      'longest_streak': np.int32(0),  # longest run of skipped steps seen (from before too)
+      'longest_end': np.int32(0),     # its last step, counted from the window's first step
+  }, mesh)
 
-  def add(self, metrics: Dict[str, Any]) -> None:
-    if bool(metrics['finite']):
-      self.loss += float(metrics['loss'])
-      self.grad_norm += float(metrics['grad_norm'])
-      self.finite += 1
-    else:
-      self.skipped += 1
 
-  def summary(self) -> Dict[str, float]:
-    out = {'skipped_steps': float(self.skipped)}
-    if self.finite:
-      out.update(train_bpd=self.loss / self.finite, grad_norm=self.grad_norm / self.finite)
-    return out
+def _accumulate(window: Dict[str, jax.Array], metrics: Dict[str, jax.Array]
+                ) -> Dict[str, jax.Array]:
+  """`window` with one more step's `make_train_step` metrics (jitted in the loop)."""
+  finite = metrics['finite']
+  longer = metrics['nonfinite'] > window['longest_streak']
+  return {
+      'loss': window['loss'] + jnp.where(finite, metrics['loss'], 0.0).astype(jnp.float32),
+      'grad_norm': window['grad_norm'] + jnp.where(finite, metrics['grad_norm'],
+                                                   0.0).astype(jnp.float32),
+      'finite': window['finite'] + finite.astype(jnp.int32),
+      'skipped': window['skipped'] + (~finite).astype(jnp.int32),
+      'learning_rate': jnp.asarray(metrics['learning_rate'], jnp.float32),
+      'longest_streak': jnp.maximum(window['longest_streak'], metrics['nonfinite']),
+      'longest_end': jnp.where(longer, window['finite'] + window['skipped'],
+                               window['longest_end']),
+  }
+
+
+def _transfer_guard(level: Optional[str]):
+  """`jax.transfer_guard_device_to_host(level)`, or no change for None."""
+  return contextlib.nullcontext() if level is None else jax.transfer_guard_device_to_host(level)
+
+
+#: Device-to-host transfer guard level (`jax.transfer_guard_device_to_host`) of the loop's
+#: per-step work between check points; None leaves the guard as configured. Tests set
+#: 'disallow_explicit', which makes any fetch there an error (check points, evaluations and
+#: saves lift it).
+STEP_TRANSFER_GUARD: Optional[str] = None
+
+
+class _CheckPoints:
+  """The loop's check points (module docstring): the one fetch of the device-side window and
+  the skip count, the log row, the checkpoint saves and the stop after skipped steps."""
+
+  def __init__(self, config, ckpts, writer, progress, mesh, host0, start, steps_per_epoch):
+    self.t, self.ckpts, self.writer, self.progress = config.train, ckpts, writer, progress
+    self.mesh, self.host0, self.steps_per_epoch = mesh, host0, steps_per_epoch
+    # The newest checkpoint written (or resumed from); the parameters it holds are those of
+    # the last finite update before it.
+    self.last_saved = start if start in ckpts.all_steps() else None
+    self.window_start = start
+
+  def holds(self, last_finite: int) -> bool:
+    """Whether a checkpoint holds the state of the finite update that ended at `last_finite`."""
+    return self.last_saved is not None and self.last_saved >= last_finite
+
+  def save(self, state: TrainState, done: int) -> bool:
+    if _save(self.ckpts, state):
+      self.last_saved = done
+      return True
+    return False
+
+  def __call__(self, state: TrainState, window, done: int, *, log: bool, save: bool):
+    """Runs the check point after `done` steps; returns the window to go on with."""
+    t = self.t
+    summary, streak = parallel.to_host((window, state.nonfinite))
+    streak, longest = int(streak), int(summary['longest_streak'])
+    last_finite = done - streak  # the step count after the last finite update
+    too_many = longest >= t.max_consecutive_nonfinite
+    log = log or too_many  # the stop writes the window it ends
+    if log:
+      scalars = {'skipped_steps': float(summary['skipped'])}
+      finite = int(summary['finite'])
+      if finite:
+        scalars.update(train_bpd=float(summary['loss']) / finite,
+                       grad_norm=float(summary['grad_norm']) / finite)
+      scalars['learning_rate'] = float(summary['learning_rate'])
+      scalars['epoch'] = done / self.steps_per_epoch
+      rate = self.progress.steps_per_sec(done)
+      if rate is not None:
+        scalars['steps_per_sec'] = rate
+      if self.host0:
+        self.writer.write_scalars(done, scalars)
+      logging.info('%s', self.progress.line(done, scalars))
+      if summary['skipped']:
+        logging.warning('steps %d-%d: %d of %d updates skipped for a non-finite loss or '
+                        'gradient; %d skipped in a row now (limit %d)', self.window_start,
+                        done - 1, int(summary['skipped']), done - self.window_start, streak,
+                        t.max_consecutive_nonfinite)
+    if not self.holds(last_finite) and (save or streak or too_many):
+      if streak:  # the update was skipped: `state` holds the last finite state
+        logging.warning('step %d: saving the last finite state (the parameters after step %d) '
+                        'during a run of %d skipped steps', done, last_finite, streak)
+      if self.save(state, done) and (streak or too_many):
+        self.ckpts.wait()
+    elif save and streak:
+      logging.warning('step %d: not saving a checkpoint during a run of %d skipped steps '
+                      '(checkpoint %d holds the parameters after step %d)', done, streak,
+                      self.last_saved, last_finite)
+    if too_many:
+      end = self.window_start + int(summary['longest_end'])
+      where = (f'Checkpoint {self.last_saved} in {self.ckpts.directory} holds the last finite '
+               f'state (the parameters after step {last_finite})' if self.holds(last_finite)
+               else f'No checkpoint of a finite state could be saved in {self.ckpts.directory}')
+      raise NonFiniteError(
+          f'{longest} consecutive training steps (up to step {end}) had a non-finite loss '
+          f'or gradient; stopping. {where}: lower train.lr, set train.grad_clip_norm, or '
+          'check the data')
+    if log:
+      self.window_start = done
+      return _empty_window(self.mesh)
+    return window
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -311,7 +426,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   for an invalid config, data or fine-tuning source before anything is created or compiled
   (`config_check.validate_config`, `data.make_data`, `_check_init_from`) and for a workdir
   whose config.json holds another model (before anything is written there);
-  `NonFiniteError` after `max_consecutive_nonfinite` skipped steps in a row and
+  `NonFiniteError` at the check point after `max_consecutive_nonfinite` skipped steps in a
+  row (module docstring) and
   `TrainingInterrupted` after saving on SIGINT/SIGTERM; `checkpoint.CheckpointError`
   subclasses (`WorkdirLockedError`, `CheckpointWriteError`, `CheckpointMismatchError`,
   `CheckpointAccessError`) for a workdir that is in use, cannot be written, or holds
@@ -378,8 +494,7 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
     logging.info('train state ready in %s', format_seconds(time.monotonic() - t_init))
     if host0:
       config_file.save_config(config, workdir)
-    # clu's writers import TensorFlow (for TensorBoard): several seconds, so only when training.
-    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+    # Imported when training only (its TensorBoard writer).
     from denseflow_jax import metric_writer  # pylint: disable=g-import-not-at-top
     writer = metric_writer.create_writer(workdir, host0)
     start = int(parallel.to_host(state.step))
@@ -398,73 +513,43 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
                    start)
     if start == 0 and config.eval.get('at_start', False):
       evaluate(0, state.variables())
-    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_steps=t.log_every, every_secs=None)
     progress = console.ProgressLine(start, total_steps)
-    batches = iter(data.train_batches(start))
-    window = _Window()
-    # The checkpoint holding the parameters of the last finite update, if one does (skipped
-    # updates leave the parameters as they are, so any checkpoint saved since does).
-    finite_saved = start if start in ckpts.all_steps() else None
-    last_finite = start - int(parallel.to_host(state.nonfinite))  # steps with finite updates
-    with _StopSignal() as stop:
+    checks = _CheckPoints(config, ckpts, writer, progress, mesh, host0, start, steps_per_epoch)
+    rep = parallel.replicated_sharding(mesh)
+    accumulate = jax.jit(_accumulate, in_shardings=(rep, rep), out_shardings=rep,
+                         donate_argnums=(0,))
+    window = _empty_window(mesh)
+    batches = parallel.prefetch_to_mesh(data.train_batches(start), mesh)
+    with _StopSignal() as stop, _transfer_guard(STEP_TRANSFER_GUARD):
       for step in range(start, total_steps):
-        batch = parallel.shard_batch(next(batches), mesh)
+        # Per-step work: nothing here fetches from the devices or (after the first step) waits
+        # for them.
         if step == start:
           logging.info('compiling the train step (the first step includes it)...')
-        state, metrics = train_step(state, batch)
-        metrics = parallel.to_host(metrics)
+        state, metrics = train_step(state, next(batches))
+        window = accumulate(window, metrics)
         if step == start:
+          jax.block_until_ready(state)
           progress.first_step_done()
           logging.info('first train step done in %s', format_seconds(progress.elapsed()))
-        window.add(metrics)
         done = step + 1
-        report(done)
-        if done % t.log_every == 0 or done == total_steps:
-          scalars = window.summary()
-          scalars['learning_rate'] = float(metrics['learning_rate'])
-          scalars['epoch'] = done / steps_per_epoch
-          if host0:
-            writer.write_scalars(done, scalars)
-          logging.info('%s', progress.line(done, scalars))
-          window = _Window()
-        if metrics['finite']:
-          last_finite, finite_saved = done, None
-        else:
-          count = int(metrics['nonfinite'])
-          logging.warning('step %d: non-finite loss %s or gradient norm %s; update skipped '
-                          '(%d in a row, limit %d)', step, metrics['loss'], metrics['grad_norm'],
-                          count, t.max_consecutive_nonfinite)
-          if finite_saved is None:
-            # The update was skipped, so `state` still holds the last finite parameters: keep
-            # them on disk before the streak can stop the run.
-            logging.warning('step %d: saving the last finite state (the parameters after step '
-                            '%d) before the skipped steps go on', done, last_finite)
-            if _save(ckpts, state):
-              ckpts.wait()
-              finite_saved = done
-          if count >= t.max_consecutive_nonfinite:
-            where = (f'Checkpoint {finite_saved} in {ckpts.directory} holds the last finite state '
-                     f'(the parameters after step {last_finite})' if finite_saved is not None
-                     else f'No checkpoint of a finite state could be saved in {ckpts.directory}')
-            raise NonFiniteError(
-                f'{count} consecutive training steps (up to step {step}) had a non-finite loss '
-                f'or gradient; stopping. {where}: lower train.lr, set train.grad_clip_norm, or '
-                'check the data')
-        streak = int(metrics['nonfinite'])
-        if (t.checkpoint_every and done % t.checkpoint_every == 0) or done == total_steps:
-          if streak:  # keep the last checkpoint of a finite update
-            if finite_saved != done:
-              logging.warning('step %d: not saving a checkpoint during a run of %d skipped '
-                              'steps', done, streak)
-          elif _save(ckpts, state):
-            finite_saved = done
-        if (t.eval_every and done % t.eval_every == 0) or (
-            done == total_steps and t.eval_every):
-          evaluate(done, state.variables())
-        if _should_stop(stop, done, t.log_every):
-          _save(ckpts, state)
-          ckpts.wait()
+        log_point = done % t.log_every == 0 or done == total_steps
+        save_point = bool(t.checkpoint_every and done % t.checkpoint_every == 0) or (
+            done == total_steps)
+        signalled = jax.process_count() == 1 and stop.received is not None
+        stopping = False
+        if log_point or save_point or signalled:
+          with jax.transfer_guard_device_to_host('allow'):
+            window = checks(state, window, done, log=log_point, save=save_point)
+            stopping = _should_stop(stop, done, t.log_every)
+        if t.eval_every and (done % t.eval_every == 0 or done == total_steps):
+          with jax.transfer_guard_device_to_host('allow'):
+            evaluate(done, state.variables())
+        if stopping:
+          with jax.transfer_guard_device_to_host('allow'):
+            if checks.last_saved != done:
+              checks.save(state, done)
+            ckpts.wait()
           raise TrainingInterrupted(f'interrupted at step {done}; checkpoint saved in '
                                     f'{ckpts.directory}; rerun the same command to resume')
     failed = False

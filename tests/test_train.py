@@ -1,9 +1,10 @@
 """Tests for denseflow_jax.train and optim: schedule, optimizer, the train step's non-finite
-handling, the stop after consecutive non-finite steps, config checks, artifacts and the JSONL
-metrics writer. The in-loop evaluation and remat are in test_evaluation.py.
+handling, the loop (no device-to-host transfer between check points, batches prefetched to
+the devices, the stop after consecutive non-finite steps), config checks, artifacts and the
+JSONL metrics writer. The in-loop evaluation and remat are in test_evaluation.py.
 
 The model is a micro DenseFlow on the 8x8 digits (one block, one module per unit, width 4,
-uniform dequantization) so that compiles stay short.
+uniform dequantization) so that compiles stay short; the loop tests use `ToyFlow`.
 """
 import json
 import os
@@ -140,29 +141,136 @@ def test_train_step_skips_nonfinite_update():
   np.testing.assert_allclose(history[3][1]['learning_rate'], schedule(3))
 
 
-def test_stops_after_consecutive_nonfinite_and_keeps_last_good_checkpoint(tmp_path):
-  """The last finite state is on disk when a streak stops the run, and the message names it.
+# ----------------------------------------------------------------------------- the loop
 
-  Steps 0-2 finite (checkpoint 3), 3-4 skipped (checkpoint 3 already holds their parameters:
-  nothing saved), 5-7 finite (checkpoint 6; 7 and 8 unsaved), then a streak from step 8: its
-  first skip saves checkpoint 9 with the parameters after step 8, and the stop names it.
+
+def _checkpoint_steps(workdir):
+  return sorted(int(s) for s in os.listdir(checkpoint.checkpoint_dir(workdir)) if s.isdigit())
+
+
+def test_prefetch_to_mesh_places_the_next_batch_before_handing_out_one():
+  mesh = parallel.make_mesh()
+  read = []
+
+  def source(n):
+    for i in range(n):
+      read.append(i)
+      yield np.full((2 * jax.device_count(), 3), i, np.uint8)
+
+  batches = parallel.prefetch_to_mesh(source(3), mesh)
+  assert read == []  # nothing read before the first batch is asked for
+  first = next(batches)
+  assert read == [0, 1]  # batch 1 is on its way to the devices while step 0 runs
+  assert first.sharding == parallel.batch_sharding(mesh) and first.shape == (
+      2 * jax.device_count(), 3)
+  assert [int(np.asarray(b)[0, 0]) for b in batches] == [1, 2] and read == [0, 1, 2]
+  read.clear()
+  lazy = parallel.prefetch_to_mesh(source(2), mesh, ahead=0)
+  assert int(np.asarray(next(lazy))[-1, -1]) == 0 and read == [0]
+  with pytest.raises(ValueError, match='ahead=-1 must be >= 0'):
+    parallel.prefetch_to_mesh(source(1), mesh, ahead=-1)
+
+
+@pytest.fixture
+def toy_loop(monkeypatch):
+  """The real training loop on `ToyFlow` (compiles in a moment), per-step fetches an error.
+
+  The loop runs its per-step work under `jax.transfer_guard_device_to_host(
+  'disallow_explicit')` (`train.STEP_TRANSFER_GUARD`). On an accelerator the guard itself
+  raises at a fetch; XLA:CPU hands arrays to numpy without a copy, which the guard does not
+  check, so while that guard level is set this fixture makes the ways to fetch a jax.Array
+  raise the guard's error: reading `ArrayImpl._value` (float, bool, int, item, tolist,
+  `__array__`, jax.device_get) and np.asarray / np.array (which read CPU arrays through the
+  buffer protocol).
   """
-  config = micro_config(num_steps=20, checkpoint_every=3, max_consecutive_nonfinite=4)
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src import array as jax_array, config as jax_config
+  monkeypatch.setattr(train, 'DenseFlow', ToyFlow)
+  monkeypatch.setattr(train, 'STEP_TRANSFER_GUARD', 'disallow_explicit')
+
+  def check(x):
+    if (isinstance(x, jax.Array) and
+        jax_config.transfer_guard_device_to_host.value == 'disallow_explicit'):
+      raise RuntimeError(f'Disallowed device-to-host transfer: shape={x.shape}, '
+                         f'dtype={x.dtype}')
+
+  fetch = jax_array.ArrayImpl._value
+  monkeypatch.setattr(jax_array.ArrayImpl, '_value',
+                      property(lambda self: check(self) or fetch.fget(self)))
+  for name in ('asarray', 'array'):
+    to_numpy = getattr(np, name)
+    monkeypatch.setattr(np, name, lambda x, *a, _f=to_numpy, **k: check(x) or _f(x, *a, **k))
+
+
+def test_per_step_work_fetches_nothing_from_the_devices(tmp_path, toy_loop, monkeypatch):
+  """8 steps (log every 4, checkpoint every 3, step 5 skipped) run with every fetch between
+  check points an error; a step that fetches its loss fails at once."""
   workdir = str(tmp_path / 'run')
-  with pytest.raises(train.NonFiniteError) as info:
-    train.train_and_evaluate(config, workdir, nonfinite_steps=[3, 4, *range(8, 20)])
+  config = micro_config(num_steps=8, log_every=4, checkpoint_every=3)
+  steps = []
+  make_train_step = train.make_train_step
+  monkeypatch.setattr(train, 'make_train_step',
+                      lambda *a, **k: steps.append(make_train_step(*a, **k)) or steps[-1])
+  state = train.train_and_evaluate(config, workdir, nonfinite_steps=[5])
+  assert int(state.step) == 8
+  assert _checkpoint_steps(workdir) == [3, 6, 8]  # 6: the state of the skipped step 5
+  rows = [r for r in artifacts.read_metrics(workdir) if 'train_bpd' in r]
+  assert [(r['step'], r['skipped_steps']) for r in rows] == [(4, 0.0), (8, 1.0)]
+  assert all(r['steps_per_sec'] > 0 and np.isfinite(r['train_bpd']) for r in rows)
+
+  def fetching_step(state, batch):  # what the loop must not do: a fetch at every step
+    state, metrics = steps[0](state, batch)
+    float(metrics['loss'])
+    return state, metrics
+
+  monkeypatch.setattr(train, 'make_train_step', lambda *a, **k: fetching_step)
+  with pytest.raises(Exception, match='Disallowed device-to-host transfer'):
+    train.train_and_evaluate(micro_config(num_steps=12, log_every=4, checkpoint_every=3),
+                             workdir)
+  assert _checkpoint_steps(workdir) == [3, 6, 8]
+
+
+def test_stops_after_consecutive_nonfinite_and_keeps_last_good_checkpoint(tmp_path, toy_loop):
+  """Skips are seen at check points (log every 5, checkpoint every 3); limit 3 in a row.
+
+  Run 1: steps 0-2 finite (checkpoint 3); 3-4 skipped (check points 5 and 6: checkpoint 3
+  already holds their state, nothing saved; 6 is finite again); 5-7 finite; 8-10 skipped:
+  check point 9 saves the state of the streak (the parameters after step 8), 10 sees 2 in a
+  row, step 11 is finite again, and check point 12 stops the run for the 3 skips it did not
+  see in a row, after saving its (finite) state. Run 2 resumes from 12: 12-13 finite, skips
+  from step 14 on: check point 15 saves the state of the streak, check point 18 stops (4 in a
+  row by then) without another checkpoint and names checkpoint 15.
+  """
+  config = micro_config(num_steps=30, log_every=5, checkpoint_every=3,
+                        max_consecutive_nonfinite=3, keep_checkpoints=10)
+  workdir = str(tmp_path / 'run')
   directory = checkpoint.checkpoint_dir(workdir)
-  message = str(info.value)
-  assert message.startswith('4 consecutive training steps (up to step 11)')
-  assert (f'Checkpoint 9 in {directory} holds the last finite state (the parameters after '
-          'step 8)') in message
-  steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
-  assert steps == [3, 6, 9]  # none saved for the first streak, one when the second starts
-  _, variables = checkpoint.load_variables(workdir)
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
-  rows = artifacts.read_metrics(workdir)
-  assert [r['skipped_steps'] for r in rows if r['step'] > 8 and 'skipped_steps' in r] == [1.0] * 4
-  assert checkpoint.verify_manifest(os.path.join(directory, '9'))
+  poison = [3, 4, 8, 9, 10, *range(14, 30)]
+  with pytest.raises(train.NonFiniteError) as info:
+    train.train_and_evaluate(config, workdir, nonfinite_steps=poison)
+  assert str(info.value).startswith('3 consecutive training steps (up to step 10)')
+  assert (f'Checkpoint 12 in {directory} holds the last finite state (the parameters after '
+          'step 12)') in str(info.value)
+  assert _checkpoint_steps(workdir) == [3, 6, 9, 12]
+  params = {step: checkpoint.load_variables(workdir, step=step)[1]['params']
+            for step in (6, 9, 12)}
+
+  with pytest.raises(train.NonFiniteError) as info:
+    train.train_and_evaluate(config, workdir, nonfinite_steps=poison)
+  assert str(info.value).startswith('4 consecutive training steps (up to step 17)')
+  assert (f'Checkpoint 15 in {directory} holds the last finite state (the parameters after '
+          'step 14)') in str(info.value)
+  assert _checkpoint_steps(workdir) == [3, 6, 9, 12, 15]  # none at 18, inside the streak
+  step, variables = checkpoint.load_variables(workdir)
+  assert step == 15 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+  assert checkpoint.verify_manifest(os.path.join(directory, '15'))
+  changed = lambda a, b: not all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+  assert changed(params[6], params[9])  # steps 6-7 updated, step 8 was skipped
+  assert changed(params[12], variables['params'])  # steps 12-13 updated
+  rows = [r for r in artifacts.read_metrics(workdir) if 'skipped_steps' in r]
+  assert [(r['step'], r['skipped_steps']) for r in rows] == [
+      (5, 2.0), (10, 2.0), (12, 1.0), (15, 1.0), (18, 3.0)]
+  assert 'train_bpd' in rows[2] and 'train_bpd' not in rows[4]  # no finite step in 15-17
 
 
 # ----------------------------------------------------------------------------- config checks
