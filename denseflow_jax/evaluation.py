@@ -73,7 +73,7 @@ def evaluate_bpd(eval_step, variables: Dict[str, PyTree], data: Data, mesh,
 class LoopEvaluator:
   """The training loop's evaluation: test bpd scalar, sample grid and image, bpd curve.
 
-  `writer` is the loop's clu writer (its JSONL writer feeds the bpd curve); files and writes
+  `writer` is the loop's metric writer (its JSONL writer feeds the bpd curve); files and writes
   happen on process 0 only (`host0`), the computation on every process.
   """
 

@@ -12,7 +12,7 @@ Workdir layout (see `checkpoint.py` and `artifacts.py`):
   <workdir>/samples/step_<s>.png      sample grid at every evaluation (process 0)
   <workdir>/bpd_curve.png             train and test bits/dim against the step (process 0)
   <workdir>/parameters.txt            the parameter table (process 0)
-  <workdir>/events.out.tfevents.*     TensorBoard scalars and sample images (clu writers)
+  <workdir>/events.out.tfevents.*     TensorBoard scalars and sample images (metric_writer, no TensorFlow)
 
 Converted official weights use the same layout with only params/ and batch_stats/ items.
 
@@ -503,7 +503,7 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
                  steps_per_epoch, start, total_steps)
     if host0:
       logging.info('%s', console.describe_parameters(parallel.to_host(state.params), workdir))
-      writer.write_hparams(config.to_dict())  # clu flattens it ('model.block_conf.0', ...)
+      writer.write_hparams(config.to_dict())  # flattened ('model.block_conf.0', ...)
       logging.info('config: %s (and TensorBoard hparams)', config_file.config_path(workdir))
 
     evaluate = evaluation.LoopEvaluator(model, config, data, mesh, workdir, writer, host0)

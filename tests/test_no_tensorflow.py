@@ -142,3 +142,21 @@ def test_data_reads_tfds_npz_and_digits_with_tensorflow_absent(tmp_path):
   assert out == {'hidden': True, 'prepare_hint': True, 'exact': True, 'train_batch': [4, 32, 32, 3],
                  'eval_sizes': [4, 2], 'evals_exact': True, 'digits': [1500, 297],
                  'npz': [18, 2], 'tensorflow': []}, out
+
+
+def test_training_run_needs_no_tensorflow(tmp_path):
+  """A short real training run (train, evaluate, sample, checkpoint, TensorBoard events) with
+  TensorFlow hidden as if it were not installed (about 25 s: compiles a micro model)."""
+  out = run_python('''
+      import json, sys
+      from denseflow_jax import artifacts, train
+      from test_train import micro_config
+      config = micro_config(num_steps=2, eval_every=2, log_every=1, checkpoint_every=2)
+      config.eval.num_samples, config.eval.max_examples, config.eval.batch_size = 4, 16, 16
+      train.train_and_evaluate(config, 'run')
+      print(json.dumps({'tensorflow': sorted(m for m in sys.modules
+                                             if m.partition('.')[0] == 'tensorflow'),
+                        'test_bpd': sorted(artifacts.metric_curve(
+                            artifacts.read_metrics('run'), 'test_bpd'))}))
+  ''', cwd=str(tmp_path), hide_tensorflow=True)
+  assert out == {'tensorflow': [], 'test_bpd': [2]}, out
