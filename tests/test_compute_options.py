@@ -48,8 +48,9 @@ def _unit_loss_and_grads(remat, variables, h, r):
   unit = Unit(micro_config(remat=remat).model, num_modules=2, mid_channels=4)
 
   def loss_fn(params, h):
-    (out, log_det), updates = unit.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                                         h, train=True, mutable=['batch_stats'])
+    (out, log_det), updates = unit.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']}, h, train=True,
+        mutable=['batch_stats'])
     return jnp.sum(out * r) + jnp.sum(log_det), updates['batch_stats']
 
   out = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(variables['params'], h)
@@ -65,7 +66,8 @@ ALIASES = {'nothing_saveable': 'full', 'checkpoint_dots': 'dots_saveable',
 
 def test_every_remat_policy_gives_the_none_gradient():
   """Each policy only changes what the backward pass stores: the loss, BatchNorm statistics and
-  gradients are those without rematerialisation, bit for bit. About 20 s on 2 cores (one compile per policy)."""
+  gradients are those without rematerialisation, bit for bit. About 15-40 s on 2 shared cores
+  (one compile per policy)."""
   h = jax.random.normal(jax.random.key(0), (4, 2, 2, 4))
   r = jax.random.normal(jax.random.key(1), (4, 2, 2, 4))
   unit = Unit(micro_config().model, num_modules=2, mid_channels=4)

@@ -6,7 +6,8 @@ How the gradients are told apart in StableHLO text: XLA's own weight gradient of
 convolution is a `stablehlo.convolution` whose result is the kernel, `tensor<3x3xCxOx...>`; the
 tuned one has no such convolution but a `stablehlo.dot_general` with result `tensor<Cx(9*O)x...>`
 (the input contracted with the 9 shifted output gradients), for every forward 3x3 convolution
-with kernel `3x3xCxO` in the parameters. About 40 s on a 2-core CPU, most of it tracing the train step once.
+with kernel `3x3xCxO` in the parameters. About 50 s on 2 shared CPU cores, most of it tracing
+the train step once.
 """
 import re
 from typing import Set, Tuple
@@ -63,7 +64,7 @@ def tuned_weight_grad_dots(text: str, kernels: Set[Tuple[int, int]]) -> Set[Tupl
 
 
 @pytest.fixture(scope='module')
-def setup():
+def train_setup():
   config = small_config()
   model = DenseFlow(config.model)
   mesh = parallel.make_mesh(jax.devices()[:1])
@@ -75,9 +76,9 @@ def setup():
 
 
 @pytest.fixture(scope='module')
-def train_step_modules(setup):
+def train_step_modules(train_setup):
   """The real train step (`train.make_train_step`) exported for each platform: StableHLO text."""
-  _, state, step, batch = setup
+  _, state, step, batch = train_setup
   return {p: jax.export.export(step, platforms=[p])(state, batch).mlir_module()
           for p in PLATFORMS}
 
@@ -88,9 +89,9 @@ def test_train_step_exports_for_every_platform(train_step_modules):
     assert 'stablehlo.while' in text, platform  # the nn.scan over glow-like modules
 
 
-def test_gpu_and_tpu_train_steps_use_xlas_convolution_gradient(setup, train_step_modules):
+def test_gpu_and_tpu_train_steps_use_xlas_convolution_gradient(train_setup, train_step_modules):
   cpu = train_step_modules['cpu']
-  kernels = conv3x3_kernels(setup[1].params)
+  kernels = conv3x3_kernels(train_setup[1].params)
   assert len(kernels) >= 3, kernels  # dense layers, noise nets, the dequantizer's context net
   # CPU: every 3x3 conv has its tuned weight-gradient matmul and no weight-gradient conv.
   assert tuned_weight_grad_dots(cpu, kernels) == kernels
@@ -117,8 +118,8 @@ def _method_fns(model):
 
 
 @pytest.mark.parametrize('platform', ['cuda', 'tpu'])
-def test_model_methods_export(setup, platform):
-  model, state, _, batch = setup
+def test_model_methods_export(train_setup, platform):
+  model, state, _, batch = train_setup
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   latents = jax.eval_shape(
