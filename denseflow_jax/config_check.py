@@ -23,6 +23,34 @@ _CHOICES = {
 # The dtypes the non-invertible nets may compute in (`model.compute_dtype`).
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
+#: `model.remat` values: 'none' (no rematerialisation), 'full' (recompute everything in the
+#: backward pass, as `nothing_saveable`), or the name of a `jax.checkpoint_policies` policy.
+REMAT_POLICIES = ('none', 'full', 'nothing_saveable', 'everything_saveable', 'dots_saveable',
+                  'checkpoint_dots', 'dots_with_no_batch_dims_saveable',
+                  'checkpoint_dots_with_no_batch_dims')
+#: `model.conv_backward` values (see `denseflow_jax.nets.layers.conv_backward_mode`).
+CONV_BACKWARD_MODES = ('auto', 'tuned', 'xla')
+
+
+def remat_policy(value: Any) -> str:
+  """`model.remat` as a policy name; ValueError naming the choices for an unknown value.
+
+  Configs saved before the field became a policy name hold booleans: False is 'none', True
+  is 'full'.
+  """
+  if isinstance(value, bool):
+    return 'full' if value else 'none'
+  if not isinstance(value, str) or value not in REMAT_POLICIES:
+    raise ValueError(f'model.remat = {value!r}; expected one of {REMAT_POLICIES}')
+  return value
+
+
+def check_conv_backward(value: Any) -> str:
+  """`value` if it is a `model.conv_backward` value; ValueError naming the choices otherwise."""
+  if not isinstance(value, str) or value not in CONV_BACKWARD_MODES:
+    raise ValueError(f'model.conv_backward = {value!r}; expected one of {CONV_BACKWARD_MODES}')
+  return value
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockPlan:
@@ -78,6 +106,8 @@ def plan_model(cfg: ml_collections.ConfigDict) -> ModelPlan:
     value = cfg.get(field)
     if value not in choices:
       raise ValueError(f'model.{field} = {value!r}; expected one of {choices}')
+  remat_policy(cfg.get('remat', 'none'))
+  check_conv_backward(cfg.get('conv_backward', 'auto'))
   for field, minimum in _integer_fields(cfg):
     value = cfg.get(field)
     if not is_integer(value) or value < minimum:

@@ -8,11 +8,12 @@ from absl import logging
 import ml_collections
 
 from denseflow_jax import defaults
+from denseflow_jax.config_check import remat_policy
 
 CONFIG_FILE = 'config.json'
-# Model fields that may change between runs that share parameters (a workdir trained in
-# float32 can be evaluated or fine-tuned with `compute_dtype='bfloat16'` and back).
-IMPLEMENTATION_ONLY_FIELDS = ('remat', 'compute_dtype')
+# Model fields that may change between runs that share parameters (compute options: a workdir
+# trained in float32 can be evaluated or fine-tuned with `compute_dtype='bfloat16'` and back).
+IMPLEMENTATION_ONLY_FIELDS = ('remat', 'compute_dtype', 'conv_backward')
 
 
 def _tuples(value: Any) -> Any:
@@ -35,9 +36,16 @@ def _merge(base: ml_collections.ConfigDict, values: Dict[str, Any]) -> None:
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-  """A config saved by `save_config`, laid over `denseflow_jax.defaults` (missing fields keep defaults)."""
+  """A config saved by `save_config`, laid over `denseflow_jax.defaults` (missing fields keep defaults).
+
+  A boolean `model.remat` (configs saved before it named a policy) becomes 'none' / 'full'.
+  """
   config = defaults.get_config()
-  _merge(config, _tuples(json.loads(text)))
+  values = _tuples(json.loads(text))
+  model = values.get('model') if isinstance(values, dict) else None
+  if isinstance(model, dict) and isinstance(model.get('remat'), bool):
+    model['remat'] = remat_policy(model['remat'])
+  _merge(config, values)
   return config
 
 

@@ -43,7 +43,11 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.deq_steps = 4
   # Implementation options (do not change the model's function).
   m.conv1x1 = 'full'                # 'full' (slogdet) or 'lu' (LU-parameterised)
-  m.remat = False                   # rematerialise each glow-like module in the backward pass
+  m.remat = 'none'                  # rematerialisation of each glow-like module in the backward
+                                    # pass: 'none', 'full' or a jax.checkpoint_policies name
+                                    # (config_check.REMAT_POLICIES; README "Speed")
+  m.conv_backward = 'auto'          # 3x3 conv gradient: 'auto' (tuned on CPU, XLA's elsewhere),
+                                    # 'tuned' or 'xla' on every platform (README "Speed")
   m.compute_dtype = 'float32'       # 'float32' or 'bfloat16': dtype the nets compute in (README)
   m.bn_momentum = 0.9               # flax convention (PyTorch momentum 0.1)
   m.bn_epsilon = 1e-5

@@ -47,7 +47,8 @@ from denseflow_jax.bijectors.split import SqueezeAndDrop
 from denseflow_jax.bijectors.squeeze import ChannelSwap, squeeze2x2, unsqueeze2x2
 from denseflow_jax.nets.coupling_nets import (DenseFlowCouplingNet, GlowCouplingNet, NoiseNet,
                                               float32_nets)
-from denseflow_jax.config_check import ModelPlan, plan_model
+from denseflow_jax.nets.layers import conv_backward_mode
+from denseflow_jax.config_check import ModelPlan, plan_model, remat_policy
 
 Latents = Dict[str, Any]
 
@@ -113,6 +114,33 @@ def net_compute_dtype(cfg: ml_collections.ConfigDict) -> Optional[Any]:
   raise ValueError(f"model.compute_dtype = {name!r}; expected 'float32' or 'bfloat16'")
 
 
+def with_conv_backward(method):
+  """Traces a `DenseFlow` method inside `conv_backward_mode(config.conv_backward)`.
+
+  The mode (`model.conv_backward`: 'auto', 'tuned' or 'xla') picks the 3x3 convolutions'
+  gradient when the layers are traced; it is not a parameter and changes no forward value.
+  """
+  @functools.wraps(method)
+  def wrapped(self, *args, **kwargs):
+    with conv_backward_mode(self.config.get('conv_backward', 'auto')):
+      return method(self, *args, **kwargs)
+  return wrapped
+
+
+def remat_module(module_cls, remat: Any):
+  """`module_cls` rematerialised in the backward pass as `model.remat` says.
+
+  'none' (or legacy False): `module_cls` itself; 'full' (or legacy True): everything
+  recomputed; any other `config_check.REMAT_POLICIES` name: `jax.checkpoint_policies.<name>`
+  decides what is saved. `prevent_cse=False`, as the modules run inside `nn.scan`.
+  """
+  name = remat_policy(remat)
+  if name == 'none':
+    return module_cls
+  policy = getattr(jax.checkpoint_policies, 'nothing_saveable' if name == 'full' else name)
+  return nn.remat(module_cls, policy=policy, prevent_cse=False)
+
+
 class GlowModule(nn.Module):
   """One glow-like module: ActNorm -> invertible 1x1 conv -> affine coupling -> channel swap.
 
@@ -162,7 +190,8 @@ class Unit(nn.Module):
   """`num_modules` glow-like modules with identical shapes, stacked with `nn.scan`.
 
   Parameters carry a leading axis of length `num_modules` (module order = data -> latent).
-  `remat=True` rematerialises each module in the backward pass (memory for compute).
+  `cfg.remat` rematerialises each module in the backward pass (memory for compute), with the
+  policy it names (`remat_module`).
   `num_modules` and `mid_channels` are keyword-only.
   """
   cfg: ml_collections.ConfigDict
@@ -172,7 +201,7 @@ class Unit(nn.Module):
 
   @nn.compact
   def __call__(self, h: Array, inverse: bool = False, train: bool = False):
-    body = nn.remat(GlowModule) if self.cfg.remat else GlowModule
+    body = remat_module(GlowModule, self.cfg.get('remat', 'none'))
     scan = nn.scan(body, variable_axes={'params': 0, 'batch_stats': 0},
                    split_rngs={'params': True}, length=self.num_modules, reverse=inverse)
     total = jnp.zeros((h.shape[0],), h.dtype)
@@ -290,6 +319,7 @@ class DenseFlow(nn.Module):
     z, dropped, ld, stages = self.flow_forward(y, train=train, noise=noise)
     return z, dropped, ld_deq + ld, {'dequantization': ld_deq, **stages}
 
+  @with_conv_backward
   def flow_forward(self, y: Array, train: bool = False,
                    noise: Optional[Dict[str, Array]] = None):
     """The continuous flow after dequantization: `y` in [0, 1) `(N, H, W, C)` ->
@@ -318,6 +348,7 @@ class DenseFlow(nn.Module):
     return self.log_prob(x, train=train, noise=noise)
 
   @fast_rng
+  @with_conv_backward
   def log_prob(self, x: Array, train: bool = False,
                noise: Optional[Dict[str, Array]] = None) -> Array:
     """Lower bound on log p(x) in nats, one noise draw, `(N,)`. `x`: integer `(N, H, W, C)`.
@@ -335,12 +366,14 @@ class DenseFlow(nn.Module):
     return total + base
 
   @fast_rng
+  @with_conv_backward
   def bits_per_dim(self, x: Array, train: bool = False,
                    noise: Optional[Dict[str, Array]] = None) -> Array:
     """`-log_prob / (D ln 2)` per example, `(N,)` (D = H * W * C)."""
     return -self.log_prob(x, train=train, noise=noise) / (self.plan.num_dims * math.log(2.0))
 
   @fast_rng
+  @with_conv_backward
   def iwbo(self, x: Array, k: int, chunk: int = 0) -> Array:
     """Importance-weighted bound `logsumexp_i log p(x, noise_i) - log k` in nats, `(N,)`.
 
@@ -371,6 +404,7 @@ class DenseFlow(nn.Module):
     return total + self._base_log_prob(z)
 
   @fast_rng
+  @with_conv_backward
   def encode(self, x: Array, noise: Optional[Dict[str, Array]] = None) -> Latents:
     """Images -> latents `{'z': final latent, 'dropped': [dropped half of each transition]}`.
 
@@ -382,6 +416,7 @@ class DenseFlow(nn.Module):
       z, dropped, _, _ = self._forward(x, False, noise)
     return {'z': z, 'dropped': dropped}
 
+  @with_conv_backward
   def flow_inverse(self, z: Array, dropped: Sequence[Optional[Array]],
                    temperature: float = 1.0) -> Array:
     """Inverse of `flow_forward`: latent (+ dropped halves, drawn when None) -> `y` (float)."""
@@ -398,6 +433,7 @@ class DenseFlow(nn.Module):
     return x.astype(jnp.uint8) if self.config.num_bits <= 8 else x
 
   @fast_rng
+  @with_conv_backward
   def decode(self, latents: Latents) -> Array:
     """Latents (as returned by `encode`) -> integer images `(N, H, W, C)` (uint8 for <= 8 bits).
 
@@ -412,6 +448,7 @@ class DenseFlow(nn.Module):
       return self._inverse(z, dropped, 1.0)
 
   @fast_rng
+  @with_conv_backward
   def sample(self, num: int, temperature: float = 1.0) -> Array:
     """Draws `num` images `(num, H, W, C)` uint8 in one inverse pass.
 

@@ -125,7 +125,7 @@ def test_iwbo_bpd_and_standard_error_against_numpy():
 
 
 def test_remat_gives_the_same_train_loss_and_gradients():
-  """`model.remat=True` (set by the converter from the authors' `checkpointing`) only changes
+  """`model.remat='full'` (set by the converter from the authors' `checkpointing`) only changes
   what the backward pass stores: the same parameters give the same loss and gradients (here
   the loss is bitwise equal and the gradients differ by ~2e-7 at a largest gradient of ~0.3)."""
   config = micro_config()
@@ -133,7 +133,7 @@ def test_remat_gives_the_same_train_loss_and_gradients():
   variables = _init(config, batch)
   key = jax.random.PRNGKey(3)
   results = {}
-  for remat in (False, True):
+  for remat in ('none', 'full'):
     cfg = micro_config()
     cfg.model.remat = remat
     model = DenseFlow(cfg.model)
@@ -147,7 +147,7 @@ def test_remat_gives_the_same_train_loss_and_gradients():
     (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
         variables['params'])
     results[remat] = jax.tree.map(np.asarray, (loss, stats, grads))
-  (loss, stats, grads), (loss_r, stats_r, grads_r) = results[False], results[True]
+  (loss, stats, grads), (loss_r, stats_r, grads_r) = results['none'], results['full']
   assert jax.tree.structure(grads) == jax.tree.structure(grads_r)
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
   diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(grads),

@@ -630,7 +630,7 @@ def test_unsupported_architecture_flags_are_named():
   with pytest.raises(official.OfficialCheckpointError, match='growth_rate'):
     official.model_config_from_args(args)
   m = official.model_config_from_args(_args(dataset='imagenet64', checkpointing=True))
-  assert (m.image_size, m.remat) == (64, True)
+  assert (m.image_size, m.remat) == (64, 'full')
 
 
 def test_official_noise_mapping():

@@ -304,7 +304,8 @@ def test_saved_config_conflict_is_refused(tmp_path, caplog):
   with pytest.raises(ValueError, match=r'different model \(model.growth_rate: 2 -> 4\)'):
     config_file.check_and_save_config(other, workdir)
   longer = micro_config(num_steps=50)
-  longer.model.remat = True  # implementation-only field: allowed
+  longer.model.remat = 'full'  # implementation-only fields: allowed
+  longer.model.conv_backward = 'xla'
   config_file.check_and_save_config(longer, workdir)
   assert 'train.num_steps: 8 -> 50' in caplog.text
   assert config_file.load_config(workdir).train.num_steps == 50

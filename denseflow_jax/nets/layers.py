@@ -1,21 +1,29 @@
-"""Convolution layers written for XLA:CPU speed (see the README's performance notes).
+"""Convolution layers, with a 3x3 convolution gradient tuned for XLA:CPU (README "Speed").
 
 These are plain (non-invertible) network layers. `PointwiseConv` is the 1x1 convolution layer
 of the conditioner networks; the invertible 1x1 convolution of the flow is the bijector
 `denseflow_jax.bijectors.Conv1x1`.
 
-1x1 convolutions are 2-D matmuls on `(N*H*W, C)` views; the 3x3 convolution keeps `lax.conv`
-for the forward pass and the input gradient but computes its weight gradient as one matmul
-(`conv3x3`'s custom VJP), which XLA:CPU runs much faster than its default lowering.
+1x1 convolutions are 2-D matmuls on `(N*H*W, C)` views. The 3x3 convolution keeps `lax.conv`
+for the forward pass; its backward pass is chosen per platform when the program is lowered
+(`conv3x3`): on CPU the weight gradient is one matmul over the 9 shifted output gradients and
+the small-map input gradient another (`conv3x3_tuned`), which XLA:CPU runs much faster than its
+default lowering; on GPU and TPU it is XLA's own convolution gradient (`conv3x3_xla`, plain
+`lax.conv_general_dilated` differentiated by JAX). `conv_backward_mode` (the model config's
+`model.conv_backward`) forces either path.
 Initialisation follows PyTorch's defaults for `nn.Conv2d` (uniform in +-1/sqrt(fan_in) for
 weights and biases), so training starts from the same distribution as the published model.
 """
+import contextlib
+import contextvars
 import dataclasses
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from denseflow_jax.config_check import check_conv_backward
 
 Array = jax.Array
 
@@ -62,9 +70,26 @@ def _conv_same(x: Array, w: Array) -> Array:
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
+def conv3x3_xla(x: Array, w: Array) -> Array:
+  """3x3 'SAME' convolution (NHWC, HWIO, stride 1, no bias) with JAX's own gradient."""
+  return _conv_same(x, w)
+
+
+@jax.custom_vjp
+def conv3x3_tuned(x: Array, w: Array) -> Array:
+  """`conv3x3_xla` with the backward pass tuned for XLA:CPU on every platform (`_tuned_bwd`)."""
+  return _conv_same(x, w)
+
+
 @jax.custom_vjp
 def conv3x3(x: Array, w: Array) -> Array:
-  """3x3 'SAME' convolution, NHWC input, HWIO kernel, stride 1, no bias."""
+  """3x3 'SAME' convolution, NHWC input, HWIO kernel, stride 1, no bias.
+
+  The forward pass is `lax.conv_general_dilated`. The backward pass is chosen when the program
+  is lowered (`jax.lax.platform_dependent`): `conv3x3_tuned`'s on CPU, XLA's convolution
+  gradient (the same operations as differentiating `conv3x3_xla`) on every other platform.
+  Reverse mode only (a custom VJP).
+  """
   return _conv_same(x, w)
 
 
@@ -87,8 +112,8 @@ def _shifted_grads(g: Array) -> Array:
   return jnp.stack(shifted, axis=3).reshape(n * h * wd, 9 * o)
 
 
-def _conv3x3_bwd(res, g):
-  x, w = res
+def _tuned_bwd(x, w, g):
+  """(dx, dw) of the 3x3 'SAME' conv, written for XLA:CPU's fast paths."""
   n, h, wd, o = g.shape
   c = x.shape[-1]
   # dW[i, j, c, o] = sum_{n,h,w} x[n, h, w, c] * g[n, h - i + 1, w - j + 1, o]: the 9 shifted
@@ -108,22 +133,66 @@ def _conv3x3_bwd(res, g):
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
+def _xla_bwd(x, w, g):
+  """(dx, dw) as JAX differentiates `lax.conv_general_dilated`: XLA's convolution gradient."""
+  return jax.vjp(_conv_same, x, w)[1](g)
+
+
+def _conv3x3_tuned_bwd(res, g):
+  return _tuned_bwd(*res, g)
+
+
+def _conv3x3_bwd(res, g):
+  return jax.lax.platform_dependent(*res, g, cpu=_tuned_bwd, default=_xla_bwd)
+
+
+conv3x3_tuned.defvjp(_conv3x3_fwd, _conv3x3_tuned_bwd)
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+#: Values of `model.conv_backward` (`config_check.CONV_BACKWARD_MODES`): the 3x3 convolution each
+#: one uses.
+CONV_BACKWARD = {'auto': conv3x3, 'tuned': conv3x3_tuned, 'xla': conv3x3_xla}
+_CONV_BACKWARD_MODE: contextvars.ContextVar[str] = contextvars.ContextVar(
+    'denseflow_conv_backward', default='auto')
+
+
+@contextlib.contextmanager
+def conv_backward_mode(mode: str) -> Iterator[None]:
+  """Within the block, `Conv3x3` layers without their own `conv_backward` use `mode`.
+
+  `'auto'` (the default outside any block): `conv3x3`, tuned on CPU and XLA's gradient
+  elsewhere; `'tuned'`: `conv3x3_tuned` on every platform; `'xla'`: `conv3x3_xla` everywhere.
+  Read when a layer is traced, so it must enclose the tracing (`jit`, `lower`, `export`), not
+  the execution. `DenseFlow` enters it with its config's `model.conv_backward`.
+  """
+  token = _CONV_BACKWARD_MODE.set(check_conv_backward(mode))
+  try:
+    yield
+  finally:
+    _CONV_BACKWARD_MODE.reset(token)
 
 
 class Conv3x3(nn.Module):
-  """3x3 convolution, padding 1, stride 1, kernel HWIO `(3, 3, C_in, C_out)`."""
+  """3x3 convolution, padding 1, stride 1, kernel HWIO `(3, 3, C_in, C_out)`.
+
+  `conv_backward` (keyword-only): `'auto'`, `'tuned'` or `'xla'` (see `conv_backward_mode`);
+  None (the default) takes the enclosing `conv_backward_mode`. It selects the gradient's
+  implementation only: parameters and forward values do not depend on it.
+  """
   features: int
   _: dataclasses.KW_ONLY
   use_bias: bool = True
   zero_init: bool = False
+  conv_backward: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = x.shape[-1]
+    mode = self.conv_backward or _CONV_BACKWARD_MODE.get()
+    conv = CONV_BACKWARD[check_conv_backward(mode)]
     w_init = nn.initializers.zeros if self.zero_init else torch_uniform(9 * c)
     kernel = self.param('kernel', w_init, (3, 3, c, self.features)).astype(x.dtype)
-    y = conv3x3(x, kernel)
+    y = conv(x, kernel)
     if self.use_bias:
       b_init = nn.initializers.zeros if self.zero_init else torch_uniform(9 * c)
       y = y + self.param('bias', b_init, (self.features,)).astype(x.dtype)

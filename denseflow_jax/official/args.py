@@ -72,7 +72,7 @@ def model_config_from_args(args: argparse.Namespace,
   m.layers_conf = _int_tuple(args, 'layers_conf')
   m.mid_channels = _int_tuple(args, 'layer_mid_chnls')
   m.growth_rate = int(args.growth_rate)
-  m.remat = bool(fields.get('checkpointing', False))
+  m.remat = 'full' if fields.get('checkpointing', False) else 'none'
   try:
     plan_model(m)
   except ValueError as e:
