@@ -84,6 +84,9 @@ flags.DEFINE_list('jobs', [], 'Rows to measure: step, loop, eval, sample (defaul
 flags.DEFINE_list('batch_sizes', [], 'Train-step batch sizes (default: the published rows of '
                   'the config, else 8).')
 flags.DEFINE_list('loop_batch_sizes', ['8'], 'Batch sizes of the training-loop rows.')
+flags.DEFINE_integer('settle_s', 240, 'Before each row, wait up to this many seconds for the '
+                     '1-minute load average to fall to the validity limit (the previous row '
+                     'counts in it for about a minute); 0 = start at once.')
 flags.DEFINE_list('dtypes', [], 'model.compute_dtype of the rows (default: float32 on CPU, '
                   'float32,bfloat16 on an accelerator).')
 flags.DEFINE_integer('image_size', 0, 'Overrides config.model.image_size when > 0.')
@@ -418,6 +421,7 @@ class Runner:
       self.skip(what, f'--deadline_s={FLAGS.deadline_s} reached')
       return []
     timeout = FLAGS.job_timeout if left is None else min(FLAGS.job_timeout, left)
+    self.settle()
     accel = FLAGS.mode == 'accelerator'
     peak_dtypes = DTYPES if accel else sorted({'float32', dtype})
     with tempfile.TemporaryDirectory() as tmp:
@@ -465,6 +469,18 @@ class Runner:
     self.write()
     print(report.format_rows(rows), flush=True)
     return rows
+
+  def settle(self) -> None:
+    """Waits (up to --settle_s) until the 1-minute load average is below the validity limit."""
+    limit, waited = 0.8 * report.LOAD_LIMIT, 0.0  # a margin: the new process adds some
+    if FLAGS.mode == 'accelerator' or measure.load_avg() <= limit:
+      return
+    print(f'waiting for the load average ({measure.load_avg():.2f}) to fall to {limit} ...',
+          flush=True)
+    while waited < FLAGS.settle_s and measure.load_avg() > limit:
+      time.sleep(5)
+      waited += 5
+    print(f'  load {measure.load_avg():.2f} after {waited:.0f} s', flush=True)
 
   def write(self) -> None:
     if FLAGS.out:
