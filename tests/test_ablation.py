@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, 'experiments', 'ablation.py')
@@ -42,6 +43,7 @@ def _run(cmd, cache_dir):
   return proc
 
 
+@pytest.mark.slow  # started first under pytest-xdist (conftest)
 def test_ablation_script_end_to_end(tmp_path):
   rng = np.random.RandomState(0)
   npz = str(tmp_path / 'images.npz')

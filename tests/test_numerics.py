@@ -15,6 +15,7 @@ TRAIN_NPZ = ROOT.parent / 'shared' / 'data' / 'cifar10_train_subset.npz'
 TEST_NPZ = ROOT.parent / 'shared' / 'data' / 'cifar10_test_subset.npz'
 
 
+@pytest.mark.slow  # started first under pytest-xdist (conftest)
 @pytest.mark.skipif(not TRAIN_NPZ.exists(), reason=f'{TRAIN_NPZ} not present (real CIFAR-10)')
 def test_round_trips_after_50_training_steps(tmp_path):
   config = tiny.get_config()

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -18,6 +20,7 @@ def test_readme_has_examples():
   assert len(blocks) >= 2, 'README should show the bijector and the model API'
 
 
+@pytest.mark.slow  # started first under pytest-xdist (conftest)
 def test_readme_examples_run(tmp_path):
   blocks = _python_blocks()
   for i, code in enumerate(blocks):
