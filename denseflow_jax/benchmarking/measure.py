@@ -17,11 +17,12 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
+from denseflow_jax import cpu_tuning
+
 GIB = 2.0 ** 30
-# The XLA:CPU flags of the performance notes (README "Speed"): oneDNN matmuls and convolutions,
-# 512-bit vectors. Experimental XLA options; check them again after a jaxlib upgrade.
-PERF_XLA_FLAGS = ('--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true '
-                  '--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_prefer_vector_width=512')
+# The XLA:CPU flags that `experiments/train.py` applies (`denseflow_jax.cpu_tuning`), as one
+# `XLA_FLAGS` value.
+PERF_XLA_FLAGS = ' '.join(cpu_tuning.XLA_FLAGS)
 
 
 def with_perf_xla_flags(xla_flags: str) -> str:
