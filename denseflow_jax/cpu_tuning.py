@@ -17,7 +17,7 @@ when the settings do not apply:
 
 These settings change the order of floating-point operations of some kernels (oneDNN), so a
 run with them and a run without them differ in the last bits; a resumed run applies the same
-settings as the first one (the entry points apply them by default) and stays bitwise equal.
+settings as the first one (`experiments/train.py --cpu_tuning`) and stays bitwise equal.
 """
 import ctypes
 import ctypes.util

@@ -16,7 +16,7 @@ Rows (each measured in a fresh subprocess, so its peak RSS is that process's alo
   offline data in a temporary workdir (the CIFAR-10 training subset in ../shared/data when the
   model takes 32x32x3 8-bit images, the embedded digits when it takes 8x8x1 5-bit ones, or the
   config's own npz / digits data; `--loop_data` chooses). Its process does what
-  experiments/train.py does (`cpu_tuning.apply()`, a persistent compilation cache, here an
+  experiments/train.py --cpu_tuning does (`cpu_tuning.apply()`, a persistent compilation cache, here an
   empty one: a cold start) and reports: the step time (1 / median `steps_per_sec` of
   metrics.jsonl, written by the loop at every log point), the time to the first finished step
   (from just before the process was started to the loop's 'first train step done' log line,
@@ -112,7 +112,7 @@ flags.DEFINE_string('loop_data', '', "Loop rows' data: '' = automatic (see the m
 flags.DEFINE_bool('loop_warm_start', False, 'Run each loop row a second time on the '
                   'compilation cache the first run filled (warm start-up).')
 flags.DEFINE_bool('cpu_tuning', True, 'Apply denseflow_jax.cpu_tuning in every row process, as '
-                  'experiments/train.py does (XLA:CPU flags, glibc malloc settings).')
+                  'experiments/train.py --cpu_tuning does (XLA:CPU flags, glibc malloc).')
 flags.DEFINE_bool('cost_checks', False, "Add XLA's FLOP counts of small programs against "
                   'analytic ones (in the first step row).')
 flags.DEFINE_string('label', '', 'Config name in the rows (default: derived from the config).')
@@ -343,7 +343,7 @@ def job_loop() -> List[Dict[str, Any]]:
 def run_child_job() -> None:
   """Measures the rows of `--job` in this process and writes them to `--job_out`."""
   tuning = None
-  if FLAGS.cpu_tuning:  # before JAX starts a backend, as experiments/train.py
+  if FLAGS.cpu_tuning:  # before JAX starts a backend, as experiments/train.py --cpu_tuning
     from denseflow_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
     tuning = cpu_tuning.apply()
   import jax  # pylint: disable=g-import-not-at-top
