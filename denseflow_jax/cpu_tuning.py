@@ -27,6 +27,7 @@ settings as the first one (`experiments/train.py --cpu_tuning`) and stays bitwis
 """
 import ctypes
 import ctypes.util
+import gc
 import importlib.metadata
 import logging
 import os
@@ -75,17 +76,43 @@ def xla_flags_reason() -> str:
   return ''
 
 
+def _libc_function(name: str):
+  """glibc's `name` (a ctypes function), or None where there is no such function."""
+  try:
+    return getattr(ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6'), name)
+  except (OSError, AttributeError):
+    return None
+
+
+def release_free_memory() -> bool:
+  """Returns the heap memory malloc holds free to the kernel (glibc `malloc_trim(0)`).
+
+  XLA's compiler frees most of what it allocated when a compile ends, but glibc keeps those
+  pages in its arenas, so without this a process keeps the high-water mark of every compile
+  (tiny config: 2.59 GiB of RSS while training against 1.31 GiB after a trim). The training loop
+  calls it after compiling the train step and after the initial state is ready; it returns no
+  memory that is still in use, and changes no result. Python's garbage is collected first (a
+  compiled program can be held by a reference cycle). False where there is no glibc.
+  """
+  gc.collect()
+  if not sys.platform.startswith('linux'):
+    return False
+  trim = _libc_function('malloc_trim')
+  if trim is None:
+    return False
+  trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+  trim(0)
+  return True
+
+
 def _set_mallopt() -> str:
   """Applies `_MALLOPT`; '' on success, else why not."""
   if not sys.platform.startswith('linux'):
     return f'not Linux ({sys.platform})'
   if any(k.startswith('MALLOC_') for k in os.environ):
     return 'the environment sets MALLOC_* options'
-  path = ctypes.util.find_library('c')
-  try:
-    libc = ctypes.CDLL(path or 'libc.so.6')
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):
+  mallopt = _libc_function('mallopt')
+  if mallopt is None:
     return 'no glibc mallopt'
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   for param, value in _MALLOPT.items():

@@ -162,19 +162,34 @@ def _peaks() -> Dict[str, Dict[str, Any]]:
           for dt in FLAGS.job_peak_dtypes}
 
 
-def _training_setup(batch: int):
-  """What `train._train_locked` builds: mesh, model, optimizer, the initial state on `batch`."""
+def _training_setup(batch: int, before_init=None):
+  """What `train._train_locked` builds: mesh, model, optimizer, the initial state on `batch`.
+
+  `before_init(model, tx, config, mesh, abstract_state, images)`, if given, runs before the
+  init program (the loop compiles its train step there); freed memory is handed back to the
+  kernel after it and after the init, as the loop does. Returns its result last.
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  from denseflow_jax import optim, parallel, train  # pylint: disable=g-import-not-at-top
+  from denseflow_jax import cpu_tuning, optim, parallel, train  # pylint: disable=g-import-not-at-top
   from denseflow_jax.model import DenseFlow  # pylint: disable=g-import-not-at-top
   config = _config()
   mesh = parallel.make_mesh()
   model = DenseFlow(config.model)
   tx = optim.make_optimizer(config)
   images = parallel.shard_batch(measure.synthetic_images(config.model, batch, FLAGS.seed), mesh)
+  init_fn = train.make_init_fn(model, tx, config, mesh)
+  before = None
+  if before_init is not None:
+    rep = parallel.replicated_sharding(mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                            init_fn.abstract(images))
+    before = before_init(model, tx, config, mesh, abstract, images)
+    cpu_tuning.release_free_memory()
   t0 = time.perf_counter()
-  state = jax.block_until_ready(train.make_init_fn(model, tx, config, mesh)(images))
-  return config, mesh, model, tx, images, state, time.perf_counter() - t0
+  state = jax.block_until_ready(init_fn(images))
+  init_s = time.perf_counter() - t0
+  cpu_tuning.release_free_memory()
+  return config, mesh, model, tx, images, state, init_s, before
 
 
 def _aot(jitted, *args) -> Dict[str, Any]:
@@ -218,10 +233,13 @@ def job_step(batch: int) -> List[Dict[str, Any]]:
   """`train.make_train_step` with the loop's optimizer, schedule, mesh, donation and init."""
   import jax  # pylint: disable=g-import-not-at-top
   from denseflow_jax import optim, train  # pylint: disable=g-import-not-at-top
-  config, mesh, model, tx, images, state, init_s = _training_setup(batch)
-  schedule = optim.learning_rate_schedule(config, STEPS_PER_EPOCH)
-  train_step = train.make_train_step(model, tx, schedule, mesh)
-  aot = _aot(train_step, state, images)
+
+  def compile_step(model, tx, config, mesh, abstract, images):  # as the loop: before the init
+    step_fn = train.make_train_step(model, tx, optim.learning_rate_schedule(
+        config, STEPS_PER_EPOCH), mesh)
+    return step_fn, _aot(step_fn, abstract, images)
+
+  _, _, _, _, images, state, init_s, (train_step, aot) = _training_setup(batch, compile_step)
   donated = [a.donated for a in jax.tree.leaves(aot['lowered'].args_info)]
   n_state = len(jax.tree.leaves(state))
   compiled = aot['compiled']
@@ -248,7 +266,7 @@ def job_eval() -> List[Dict[str, Any]]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from denseflow_jax import evaluation, parallel  # pylint: disable=g-import-not-at-top
   batch = FLAGS.eval_batch
-  config, mesh, model, _, images, state, init_s = _training_setup(batch)
+  config, mesh, model, _, images, state, init_s, _ = _training_setup(batch)
   eval_step = evaluation.make_eval_step(model, config, mesh)
   variables = state.variables()
   mask = parallel.shard_batch(np.ones((batch,), bool), mesh)
@@ -274,7 +292,7 @@ def job_sample(sizes: Sequence[int]) -> List[Dict[str, Any]]:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from denseflow_jax import parallel  # pylint: disable=g-import-not-at-top
-  config, mesh, model, _, _, state, init_s = _training_setup(8)
+  config, mesh, model, _, _, state, init_s, _ = _training_setup(8)
   sampler = parallel.ShardedModel(model, mesh)
   variables = state.variables()
   key = np.asarray(jax.random.PRNGKey(FLAGS.seed + 3))

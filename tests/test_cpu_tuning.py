@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from denseflow_jax import cpu_tuning
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,3 +55,34 @@ def test_apply_sets_xla_flags_before_the_backend_and_tunes_malloc():
   out = _run('from denseflow_jax import cpu_tuning\nprint(cpu_tuning.apply(xla=False))',
              dict(env, MALLOC_ARENA_MAX='2'))
   assert 'the environment sets MALLOC_' in out and 'xla_flags' not in out
+
+
+_FREED_BUT_HELD = '''
+import ctypes, sys
+from denseflow_jax import cpu_tuning
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+def rss_mib():
+  return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+# 256 MiB in 64 KiB blocks (below the mmap threshold: on the heap), written, then all freed
+# but one small block after them, which keeps glibc from trimming the heap top by itself.
+blocks = [libc.malloc(64 * 1024) for _ in range(4096)]
+for b in blocks:
+  ctypes.memset(b, 1, 64 * 1024)
+pin = libc.malloc(64)
+for b in blocks:
+  libc.free(b)
+held = rss_mib()
+released = cpu_tuning.release_free_memory()
+print(held, rss_mib(), released)
+'''
+
+
+def test_release_free_memory_hands_freed_heap_pages_back():
+  if not sys.platform.startswith('linux'):
+    pytest.skip('glibc malloc: Linux only')
+  env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}
+  held, after, released = _run(_FREED_BUT_HELD, env).split()
+  assert released == 'True'
+  assert int(held) - int(after) > 200, (held, after)  # of the 256 MiB freed

@@ -8,6 +8,7 @@ uniform dequantization) so that compiles stay short; the loop tests use `ToyFlow
 """
 import json
 import os
+import types
 
 import jax
 import flax.linen as nn
@@ -218,12 +219,21 @@ def test_per_step_work_fetches_nothing_from_the_devices(tmp_path, toy_loop, monk
   assert [(r['step'], r['skipped_steps']) for r in rows] == [(4, 0.0), (8, 1.0)]
   assert all(r['steps_per_sec'] > 0 and np.isfinite(r['train_bpd']) for r in rows)
 
-  def fetching_step(state, batch):  # what the loop must not do: a fetch at every step
-    state, metrics = steps[0](state, batch)
-    float(metrics['loss'])
-    return state, metrics
+  class FetchingStep:
+    """The jitted step's `.lower(...).compile()`, whose program fetches at every step (what the
+    loop must not do)."""
 
-  monkeypatch.setattr(train, 'make_train_step', lambda *a, **k: fetching_step)
+    def lower(self, *args):
+      compiled = steps[0].lower(*args).compile()
+
+      def fetching_step(state, batch):
+        state, metrics = compiled(state, batch)
+        float(metrics['loss'])
+        return state, metrics
+
+      return types.SimpleNamespace(compile=lambda: fetching_step)
+
+  monkeypatch.setattr(train, 'make_train_step', lambda *a, **k: FetchingStep())
   with pytest.raises(Exception, match='Disallowed device-to-host transfer'):
     train.train_and_evaluate(micro_config(num_steps=12, log_every=4, checkpoint_every=3),
                              workdir)
