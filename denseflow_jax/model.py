@@ -48,6 +48,7 @@ from denseflow_jax.bijectors.squeeze import ChannelSwap, squeeze2x2, unsqueeze2x
 from denseflow_jax.nets.coupling_nets import (DenseFlowCouplingNet, GlowCouplingNet, NoiseNet,
                                               float32_nets)
 from denseflow_jax.nets.layers import conv_backward_mode
+from denseflow_jax import param_init
 from denseflow_jax.config_check import ModelPlan, plan_model, remat_policy
 
 Latents = Dict[str, Any]
@@ -466,18 +467,21 @@ class DenseFlow(nn.Module):
 
 
 def init_variables(model: DenseFlow, rng: jax.Array, x: Array) -> Dict[str, Any]:
-  """`model.init` compiled for a fast compile: `{'params', 'batch_stats'}` from the batch `x`.
+  """The model's initial variables `{'params', 'batch_stats'}` for the batch `x`, compiled fast.
 
-  The init program runs once, so it is compiled with XLA's backend optimisation level 0 (its
-  compile time is dominated by the ~hundreds of random initialisers, not by run time). ActNorm
-  is initialised from `x` (data-dependent init). `rng` is split into the `params` and `noise`
-  streams. Equivalent to `model.init({'params': k1, 'noise': k2}, x)`. `rng` may be a typed
-  (`jax.random.key`) or raw key; random bits follow `fast_rng`'s rule.
+  `param_init.initial_variables` (every random parameter from one uniform and one normal
+  draw, then `model.init`'s data-dependent ActNorm init on `x`), compiled once with XLA's
+  backend optimisation level 0: the tiny model's init program compiles in ~4 s instead of the
+  ~23 s of a plain `jax.jit(model.init)` on XLA:CPU. `rng` is split into the `params` and
+  `noise` streams; it may be a typed (`jax.random.key`) or raw key, and random bits follow
+  `fast_rng`'s rule. Same structure and distributions as `model.init({'params': k1, 'noise':
+  k2}, x)`, not the same draws.
   """
   k_params, k_noise = jax.random.split(rng)
   rngs = {'params': k_params, 'noise': k_noise}
+  init = functools.partial(param_init.initial_variables, model)
   with rng_mode():
-    lowered = jax.jit(model.init).lower(rngs, x)
+    lowered = jax.jit(init).lower(rngs, x)
   compiled = lowered.compile(compiler_options={'xla_backend_optimization_level': 0})
   return dict(compiled(rngs, x))
 

@@ -62,8 +62,10 @@ Semantics:
   stay intact and rerunning resumes from the newest. At the restart, corrupt checkpoints are
   moved aside (see `checkpoint.Checkpoints`); one that does not fit the model, or cannot be
   read for lack of permission, stops the run before anything is written.
-- ActNorm data-dependent init: `model.init` on the first training batch (global batch, so the
-  statistics are the same on every device and host).
+- Init: `param_init.initial_variables` on the first training batch: the random parameters
+  from one uniform and one normal draw of the run's init key, then `model.init`'s ActNorm
+  data-dependent init on that batch (global batch, so the statistics are the same on every
+  device and host).
 - Fine-tuning: `config.train.init_from = '<workdir of a trained run>'` loads its newest
   params and BatchNorm statistics (the model config must match), with a fresh optimizer and
   step 0; use with `lr = 2e-5`, `warmup_steps = 0`, `decay_rate = 1.0` (the `finetune`
@@ -89,7 +91,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from denseflow_jax import checkpoint, config_file, console, cpu_tuning, evaluation, parallel
+from denseflow_jax import (checkpoint, config_file, console, cpu_tuning, evaluation, param_init,
+                           parallel)
 from denseflow_jax.config_check import validate_config
 from denseflow_jax.data import Data, make_data
 from denseflow_jax.evaluation import INIT_TAG, TRAIN_TAG, run_key
@@ -142,7 +145,9 @@ def make_init_fn(model: DenseFlow, tx: optax.GradientTransformation,
 
   def init(batch):
     params_key, noise_key = jax.random.split(run_key(config, INIT_TAG))
-    variables = model.init({'params': params_key, 'noise': noise_key}, batch)
+    # `model.init`'s variables, with the random parameters from two draws (`param_init`).
+    variables = param_init.initial_variables(model, {'params': params_key, 'noise': noise_key},
+                                             batch)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
@@ -151,8 +156,8 @@ def make_init_fn(model: DenseFlow, tx: optax.GradientTransformation,
   jitted = jax.jit(init, in_shardings=(bat,), out_shardings=rep)
 
   def run(batch: jax.Array) -> TrainState:
-    # Runs once: XLA backend optimisation level 0 compiles several times faster (the program
-    # is dominated by parameter initialisers), as in `denseflow_jax.model.init_variables`.
+    # Runs once: compiled at XLA backend optimisation level 0, as in
+    # `denseflow_jax.model.init_variables` (a few seconds for the tiny model).
     with jax.threefry_partitionable(False):
       lowered = jitted.lower(batch)
     return lowered.compile(compiler_options={'xla_backend_optimization_level': 0})(batch)

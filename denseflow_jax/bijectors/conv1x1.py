@@ -5,11 +5,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from denseflow_jax import param_init
 from denseflow_jax.bijectors.base import Array, Bijector, check_image
 
 
+@param_init.drawn_as('orthogonal')
 def random_orthogonal(key: jax.Array, shape: Tuple[int, int], dtype=jnp.float32) -> Array:
-  """A random orthogonal `(C, C)` matrix (QR of a Gaussian matrix, sign-corrected)."""
+  """A random orthogonal `(C, C)` matrix (QR of a Gaussian matrix, sign-corrected).
+
+  Drawn with the other random parameters by `param_init.initial_variables` (`drawn_as`).
+  """
   a = jax.random.normal(key, shape, jnp.float32)
   q, r = jnp.linalg.qr(a)
   q = q * jnp.sign(jnp.diag(r))[None, :]
@@ -64,7 +69,9 @@ class LUConv1x1(Bijector):
     c = x.shape[-1]
 
     def lu_part(name):
-      def init(key, shape):
+      @param_init.drawn_as('lu_' + name)
+      def init(key, shape, dtype=jnp.float32):
+        del dtype
         p, l, u = jax.scipy.linalg.lu(random_orthogonal(key, (c, c)))
         s = jnp.diag(u)
         parts = {'perm': p, 'lower': jnp.tril(l, -1), 'upper': jnp.triu(u, 1),

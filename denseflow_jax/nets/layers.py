@@ -23,14 +23,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from denseflow_jax import param_init
 from denseflow_jax.config_check import check_conv_backward
 
 Array = jax.Array
 
 
 def torch_uniform(fan_in: int) -> Callable[..., Array]:
-  """PyTorch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  """PyTorch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+  Drawn with the other random parameters by `param_init.initial_variables` (`drawn_as`).
+  """
   bound = 1.0 / (fan_in ** 0.5)
+  @param_init.drawn_as('uniform', bound)
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
   return init
