@@ -139,7 +139,8 @@ def make_init_fn(model: DenseFlow, tx: optax.GradientTransformation,
                  config: ml_collections.ConfigDict, mesh) -> Callable[[jax.Array], TrainState]:
   """`first_batch -> TrainState` at step 0 (ActNorm data-dependent init on that batch).
 
-  Compiled on first use; `.abstract(batch_spec)` gives the state's structure without compiling.
+  Compiled on first use; `.abstract(batch_spec)` gives the state's structure without compiling
+  (from the same trace, so a fresh run traces the init once).
   """
   rep, bat = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
 
@@ -154,15 +155,25 @@ def make_init_fn(model: DenseFlow, tx: optax.GradientTransformation,
                       rng=run_key(config, TRAIN_TAG), nonfinite=jnp.zeros((), jnp.int32))
 
   jitted = jax.jit(init, in_shardings=(bat,), out_shardings=rep)
+  traced = {}
+
+  def trace(batch) -> jax.stages.Traced:
+    # One trace serves `.abstract` (the loop asks for it first) and the compile.
+    key = (tuple(batch.shape), jnp.dtype(batch.dtype))
+    if key not in traced:
+      with jax.threefry_partitionable(False):
+        traced[key] = jitted.trace(jax.ShapeDtypeStruct(batch.shape, batch.dtype, sharding=bat))
+    return traced[key]
 
   def run(batch: jax.Array) -> TrainState:
     # Runs once: compiled at XLA backend optimisation level 0, as in
     # `denseflow_jax.model.init_variables` (a few seconds for the tiny model).
     with jax.threefry_partitionable(False):
-      lowered = jitted.lower(batch)
+      lowered = trace(batch).lower()
+    traced.clear()
     return lowered.compile(compiler_options={'xla_backend_optimization_level': 0})(batch)
 
-  run.abstract = lambda batch: jax.eval_shape(init, batch)  # structure without compiling
+  run.abstract = lambda batch: trace(batch).out_info  # structure without compiling
   return run
 
 
