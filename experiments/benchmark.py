@@ -348,12 +348,15 @@ def job_loop() -> List[Dict[str, Any]]:
   first = None
   if clock.time is not None and FLAGS.job_spawn_time:
     first = clock.time - FLAGS.job_spawn_time - peak_s
+  # Phase lengths of the start-up; `before_compile` counts from the train_and_evaluate call.
+  phases = clock.phases(t_train)
   curve = [[r['step'], r['train_bpd']] for r in metric_rows if 'train_bpd' in r]
   return [{
       'kind': 'loop', 'batch': FLAGS.job_batch, 'steps': FLAGS.loop_steps,
       'log_every': FLAGS.loop_log_every, 'seconds': loop.steady_step_seconds(metric_rows),
       'steps_per_sec': [r['steps_per_sec'] for r in metric_rows if 'steps_per_sec' in r],
-      'first_step_s': first, 'peak_before_s': peak_s, 'train_and_evaluate_s': train_s,
+      'first_step_s': first, 'startup_phases_s': phases, 'peak_before_s': peak_s,
+      'train_and_evaluate_s': train_s,
       'train_bpd_curve': curve, 'data': data['description'], 'matmul_before': before,
       'matmul_after': after, 'cache': 'warm' if cache_warm else 'cold'}]
 
@@ -619,6 +622,12 @@ def run_parent(argv: Sequence[str]) -> Dict[str, Any]:
                                        f"{report.REFERENCE['date']}, "
                                        f"{report.REFERENCE['machine']}; unit: "
                                        'matmul unit = seconds / one f32 4096^3 jnp.dot'))
+  for row in rows:
+    phases = row.get('startup_phases_s') or {}
+    if any(v is not None for v in phases.values()):
+      print(f"start-up of {row['label']} {row['kind']} b{row['batch']}: " + ', '.join(
+          f"{name.replace('_', ' ')} {'?' if v is None else f'{v:.1f} s'}"
+          for name, v in phases.items()))
   for s in runner.result['skipped']:
     print(f"skipped {s['row']}: {s['reason']}")
   if FLAGS.markdown:

@@ -126,12 +126,23 @@ def test_loop_helpers(tmp_path):
   assert loop.steady_step_seconds([]) is None
   # The clock reads the loop's own log line (denseflow_jax.train logs it through absl).
   clock = loop.FirstStepClock()
-  record = logging.LogRecord('absl', logging.INFO, 'train.py', 1, loop.FIRST_STEP_LOG +
-                             ' in %s', ('3 s',), None)
-  clock.emit(record)
-  assert clock.time == record.created
+  assert clock.time is None
   train_source = open(os.path.join(REPO_ROOT, 'denseflow_jax', 'train.py')).read()
-  assert f"'{loop.FIRST_STEP_LOG} in" in train_source
+  for i, (name, prefix) in enumerate(loop.PHASE_LOGS):
+    record = logging.LogRecord('absl', logging.INFO, 'train.py', 1, prefix + ' in %s', ('3 s',),
+                               None)
+    record.created = 100.0 + 10 * i + i * i  # 100, 111, 124, 139
+    clock.emit(record)
+    repeat = logging.LogRecord('absl', logging.INFO, 'train.py', 1, prefix, (), None)
+    clock.emit(repeat)  # a later record of the same phase changes nothing
+    assert f"'{prefix}" in train_source, prefix  # the loop still logs it
+  assert clock.time == 139.0
+  assert clock.phases(start=95.0) == {'before_compile': 5.0, 'step_compile': 11.0,
+                                      'init': 13.0, 'first_step': 15.0}
+  partial = loop.FirstStepClock()
+  partial.emit(logging.LogRecord('absl', logging.INFO, 'train.py', 1, loop.FIRST_STEP_LOG, (),
+                                 None))
+  assert partial.phases(start=0.0)['step_compile'] is None  # a resumed run compiles later
   assert loop.set_compute_dtype(t, 'float32')
   if 'compute_dtype' not in t.model:  # configs of a version without mixed precision
     assert not loop.set_compute_dtype(t, 'bfloat16') and 'compute_dtype' not in t.model
@@ -189,11 +200,16 @@ def test_benchmark_smoke_step_and_loop_rows(tmp_path):
   assert len(loop['steps_per_sec']) == 2 and loop['cache'] == 'cold'
   assert [s for s, _ in loop['train_bpd_curve']] == [2, 4]
   assert 0 < loop['first_step_s'] < loop['process_wall_s']
+  phases = loop['startup_phases_s']  # a fresh run: every phase logged, in order
+  assert set(phases) == {'before_compile', 'step_compile', 'init', 'first_step'}
+  assert all(v is not None and v >= 0 for v in phases.values()), phases
+  assert sum(phases.values()) < loop['first_step_s'] and phases['step_compile'] > 0
   assert set(loop['cpu_tuning']) == {'xla_flags', 'malloc'}  # as experiments/train.py applies it
   # Printed: one line per row with its validity.
   printed = [l for l in proc.stdout.splitlines()
              if l.startswith('smoke') and ('step b4' in l or 'loop b4' in l)]
   assert len(printed) >= 2 and all('VALID' in l for l in printed)
+  assert 'start-up of smoke loop b4: before compile ' in proc.stdout
 
 
 @pytest.mark.parametrize('name', ['benchmark.py', 'profile_components.py', 'ablation.py'])

@@ -15,7 +15,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 CIFAR_SUBSET = os.path.join(REPO_ROOT, '..', 'shared', 'data', 'cifar10_train_subset.npz')
 # What `train.train_and_evaluate` logs once the first step has finished.
 FIRST_STEP_LOG = 'first train step done'
-
+# What it logs at the start-up phases of a fresh run, in order (name: start of the message).
+PHASE_LOGS = (('step_compile_start', 'compiling the train step'),
+              ('step_compiled', 'train step compiled'),
+              ('state_ready', 'train state ready'),
+              ('first_step', FIRST_STEP_LOG))
 
 def set_compute_dtype(config, dtype: str) -> bool:
   """Sets `config.model.compute_dtype` to `dtype`; False (config untouched) where the config
@@ -75,17 +79,34 @@ def loop_config(config, batch: int, steps: int, log_every: int, data: Dict[str, 
 
 
 class FirstStepClock(logging.Handler):
-  """A logging handler that keeps the creation time (`time.time()` scale) of the first
-  record starting with `FIRST_STEP_LOG`; add it to the 'absl' logger before training."""
+  """A logging handler that keeps the creation time (`time.time()` scale) of the first record
+  of each of `PHASE_LOGS`; add it to the 'absl' logger before training. `time`: the first
+  finished step's."""
 
   def __init__(self):
     super().__init__()
-    self.time: Optional[float] = None
+    self.times: Dict[str, float] = {}
+
+  @property
+  def time(self) -> Optional[float]:
+    return self.times.get('first_step')
 
   def emit(self, record):
-    if self.time is None and str(record.msg).startswith(FIRST_STEP_LOG):
-      self.time = record.created
+    message = str(record.msg)
+    for name, prefix in PHASE_LOGS:
+      if name not in self.times and message.startswith(prefix):
+        self.times[name] = record.created
 
+  def phases(self, start: float) -> Dict[str, Optional[float]]:
+    """Seconds of the start-up phases of a fresh run: `before_compile` (from `start`: imports,
+    data, config checks, the init's trace), `step_compile`, `init` (the init program's compile
+    and run) and `first_step` (the first step's run); None where a record is missing."""
+    t = dict(self.times, start=start)
+    span = lambda a, b: t[b] - t[a] if a in t and b in t else None
+    return {'before_compile': span('start', 'step_compile_start'),
+            'step_compile': span('step_compile_start', 'step_compiled'),
+            'init': span('step_compiled', 'state_ready'),
+            'first_step': span('state_ready', 'first_step')}
 
 def steady_step_seconds(metric_rows: Sequence[Dict[str, Any]]) -> Optional[float]:
   """1 / median of the `steps_per_sec` values of metrics.jsonl rows (None if there are none).
