@@ -59,7 +59,10 @@ def _planned(model, x, kind):
 
 @pytest.fixture(scope='module', params=['full', 'lu'])
 def both_inits(request):
-  cfg = small_config(conv1x1=request.param)
+  """(conv1x1 kind, config, model, images, initial_variables' and model.init's variables); the
+  LU model's modules are also rematerialised (`nn.remat` inside `nn.scan`)."""
+  extra = {'remat': 'full'} if request.param == 'lu' else {}
+  cfg = small_config(conv1x1=request.param, **extra)
   model = DenseFlow(cfg)
   x = images(cfg, 4)
   rngs = _rngs()
