@@ -193,3 +193,32 @@ def test_initialisers_are_plain_outside_the_planning_pass():
   assert float(jnp.abs(value).max()) <= 0.25
   with pytest.raises(ValueError, match='kind'):
     param_init.drawn_as('gaussian')
+
+
+class _ScanBody(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    y, _ = ActNorm(name='actnorm')(Conv3x3(3, name='conv')(h))
+    return y, None
+
+
+class _ScannedStack(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(_ScanBody, variable_axes={'params': 0}, split_rngs={'params': True}, length=3)
+    return scan(name='stack')(x, None)[0]
+
+
+def test_data_dependent_init_inside_a_scan_sees_each_layers_drawn_weights():
+  """As the model's module stacks: every scanned ActNorm is initialised on the activations of
+  its own layer's drawn conv weights (and of the layers before it)."""
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+  p = jax.jit(lambda r, xb: param_init.initial_variables(_ScannedStack(), r, xb))(
+      _rngs(), x)['params']['stack']
+  h = x
+  for i in range(3):
+    layer = jax.tree.map(lambda a: a[i], p)  # pylint: disable=cell-var-from-loop
+    a = Conv3x3(3).apply({'params': layer['conv']}, h)
+    np.testing.assert_allclose(layer['actnorm']['shift'], a.mean(axis=(0, 1, 2)), atol=1e-6)
+    h, _ = ActNorm().apply({'params': layer['actnorm']}, a)
+    np.testing.assert_allclose(h.std(axis=(0, 1, 2), ddof=1), 1.0, atol=1e-4)
