@@ -17,7 +17,7 @@ separately: its init program took 22.6 s to compile on XLA:CPU (at backend optim
 2. **draws** all uniform parameters from one `jax.random.uniform` over a flat buffer and all
    Gaussian matrices from one `jax.random.normal` (in the order of the flattened parameter
    tree), then orthogonalises the matrices with a batched QR (sign-corrected, as
-   `bijectors.conv1x1.random_orthogonal`);
+   `orthogonalise`, which `bijectors.conv1x1` uses too);
 3. **initialises** the module with those parameters given: flax creates only the others
    (zeros, ones, ActNorm's data-dependent statistics, the batch statistics) exactly as
    `module.init` does, with `is_initializing()` true.
@@ -30,7 +30,7 @@ key, as in `module.init`).
 import contextlib
 import contextvars
 import functools
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import flax
 import flax.linen as nn
@@ -112,16 +112,20 @@ def plan(module: nn.Module, rngs: Dict[str, jax.Array], *args, **kwargs) -> Any:
   return variables['params']
 
 
-def _orthogonalise(a: jax.Array) -> jax.Array:
+def orthogonalise(a: jax.Array) -> jax.Array:
+  """The Q of `a`'s QR decomposition with its columns' signs fixed by R's diagonal (so Q is
+  Haar-distributed for Gaussian `a`); `a` is `(..., C, C)`."""
   q, r = jnp.linalg.qr(a)
   return q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
 
 
-def _lu_parts(q: jax.Array) -> Dict[str, jax.Array]:
+def lu_parts(q: jax.Array) -> Dict[str, jax.Array]:
+  """The parameters of an LU-parameterised kernel equal to `q` (`(..., C, C)`): 'perm',
+  'lower' (strict), 'upper' (strict), 'log_s' and 'sign_s' (of U's diagonal)."""
   p, l, u = jax.scipy.linalg.lu(q)
   s = jnp.diagonal(u, axis1=-2, axis2=-1)
-  return {'lu_perm': p, 'lu_lower': jnp.tril(l, -1), 'lu_upper': jnp.triu(u, 1),
-          'lu_log_s': jnp.log(jnp.abs(s)), 'lu_sign_s': jnp.sign(s)}
+  return {'perm': p, 'lower': jnp.tril(l, -1), 'upper': jnp.triu(u, 1),
+          'log_s': jnp.log(jnp.abs(s)), 'sign_s': jnp.sign(s)}
 
 
 def draw(planned: Any, key: jax.Array) -> Dict[Tuple, jax.Array]:
@@ -159,14 +163,14 @@ def draw(planned: Any, key: jax.Array) -> Dict[Tuple, jax.Array]:
   if matrices:
     g = jax.random.normal(k_normal, (sizes(matrices),), jnp.float32)
     for path, box, part in slices(matrices, g):
-      q = _orthogonalise(part)
+      q = orthogonalise(part)
       if box.kind == 'orthogonal':
         values[path] = q.astype(box.value.dtype)
         continue
-      parts = _lu_parts(q)
+      parts = lu_parts(q)
       for p, b in boxes:
         if p[:-1] == path[:-1] and b.kind.startswith('lu_'):
-          values[p] = parts[b.kind].astype(b.value.dtype)
+          values[p] = parts[b.kind[len('lu_'):]].astype(b.value.dtype)
   return values
 
 

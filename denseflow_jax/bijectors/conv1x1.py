@@ -15,10 +15,7 @@ def random_orthogonal(key: jax.Array, shape: Tuple[int, int], dtype=jnp.float32)
 
   Drawn with the other random parameters by `param_init.initial_variables` (`drawn_as`).
   """
-  a = jax.random.normal(key, shape, jnp.float32)
-  q, r = jnp.linalg.qr(a)
-  q = q * jnp.sign(jnp.diag(r))[None, :]
-  return q.astype(dtype)
+  return param_init.orthogonalise(jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 def _mix(x: Array, kernel: Array) -> Array:
@@ -72,11 +69,7 @@ class LUConv1x1(Bijector):
       @param_init.drawn_as('lu_' + name)
       def init(key, shape, dtype=jnp.float32):
         del dtype
-        p, l, u = jax.scipy.linalg.lu(random_orthogonal(key, (c, c)))
-        s = jnp.diag(u)
-        parts = {'perm': p, 'lower': jnp.tril(l, -1), 'upper': jnp.triu(u, 1),
-                 'log_s': jnp.log(jnp.abs(s)), 'sign_s': jnp.sign(s)}
-        return parts[name].astype(jnp.float32)
+        return param_init.lu_parts(random_orthogonal(key, (c, c)))[name].astype(jnp.float32)
       return init
 
     # Every part is initialised from the same key, so they come from one decomposition.
