@@ -9,11 +9,19 @@
   (`with_learning_rate`), so a skipped update does not shift the schedule.
 - Optimizer (`make_optimizer`): optional `clip_by_global_norm(grad_clip_norm)` then
   `adamax(lr, b1, b2)`, with the learning rate as an injected hyperparameter.
+- The optimizer works on the parameters as one vector (`parameter_vector`): its state holds
+  one moment vector of each kind instead of one per parameter array (`init_state`,
+  `apply_update`). The update is element-wise, so every parameter gets the same arithmetic as
+  per array (equal to float32 rounding: XLA compiles a long vector's fused arithmetic a little
+  differently), but the train step has one update instead of hundreds of small ones (tiny:
+  363 arrays), which makes it faster to trace, compile and run. `state_from_tree` converts a state
+  of one moment per parameter array (older checkpoints) into this form.
 """
 import math
-from typing import Any
+from typing import Any, Optional, Tuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -57,6 +65,40 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return optax.chain(*parts)
 
   return optax.inject_hyperparams(optimizer)(learning_rate=float(t.lr))
+
+
+def parameter_vector(params: PyTree) -> jax.Array:
+  """All parameters as one vector (leaves in tree order, each flattened row-major)."""
+  return jax.flatten_util.ravel_pytree(params)[0]
+
+
+def init_state(tx: optax.GradientTransformation, params: PyTree) -> PyTree:
+  """`tx`'s state for `params` as one vector (`parameter_vector`)."""
+  return tx.init(parameter_vector(params))
+
+
+def apply_update(tx: optax.GradientTransformation, grad_vector: jax.Array, opt_state: PyTree,
+                 params: PyTree, keep: Optional[jax.Array] = None) -> Tuple[PyTree, PyTree]:
+  """(new params, new opt_state) of one step of `tx`.
+
+  `grad_vector`: `parameter_vector` of the gradients; `opt_state` from `init_state`. Where
+  `keep` (a bool scalar) is False, params and opt_state stay as they were (a skipped step).
+  """
+  flat_params, unravel = jax.flatten_util.ravel_pytree(params)
+  updates, new_state = tx.update(grad_vector, opt_state, flat_params)
+  new_params = optax.apply_updates(flat_params, updates)
+  if keep is not None:
+    new_params = jnp.where(keep, new_params, flat_params)
+    new_state = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_state, opt_state)
+  return unravel(new_params), new_state
+
+
+def state_from_tree(tree_state: PyTree, params: PyTree) -> PyTree:
+  """A state with one moment per parameter array (`tx.init(params)`) as `init_state`'s."""
+  structure = jax.tree.structure(params)
+  moments = lambda t: jax.tree.structure(t) == structure
+  return jax.tree.map(lambda t: parameter_vector(t) if moments(t) else t, tree_state,
+                      is_leaf=moments)
 
 
 def with_learning_rate(opt_state: PyTree, lr: jax.Array) -> PyTree:

@@ -76,6 +76,7 @@ Semantics:
   steps (send the signal to all of them).
 """
 import contextlib
+import functools
 import os
 import signal
 import threading
@@ -91,8 +92,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from denseflow_jax import (checkpoint, config_file, console, cpu_tuning, evaluation, param_init,
-                           parallel)
+from denseflow_jax import (checkpoint, config_file, console, cpu_tuning, evaluation, optim,
+                           param_init, parallel)
 from denseflow_jax.config_check import validate_config
 from denseflow_jax.data import Data, make_data
 from denseflow_jax.evaluation import INIT_TAG, TRAIN_TAG, run_key
@@ -116,7 +117,8 @@ class TrainState(flax.struct.PyTreeNode):
   """Everything that determines the rest of a run.
 
   step: int32 scalar, steps taken = index of the next training batch.
-  params, batch_stats: model variables. opt_state: optax state (includes the current lr).
+  params, batch_stats: model variables. opt_state: optax state of the parameters as one vector
+  (`optim.init_state`; includes the current lr).
   rng: uint32[2] base key (constant; step s uses `fold_in(rng, s)`).
   nonfinite: int32 scalar, consecutive skipped (non-finite) steps so far.
   """
@@ -151,7 +153,8 @@ def make_init_fn(model: DenseFlow, tx: optax.GradientTransformation,
                                              batch)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                      batch_stats=variables.get('batch_stats', {}),
+                      opt_state=optim.init_state(tx, params),
                       rng=run_key(config, TRAIN_TAG), nonfinite=jnp.zeros((), jnp.int32))
 
   jitted = jax.jit(init, in_shardings=(bat,), out_shardings=rep)
@@ -202,18 +205,19 @@ def make_train_step(model: DenseFlow, tx: optax.GradientTransformation, schedule
       return loss, updates.get('batch_stats', {})
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
+    grad_vector = optim.parameter_vector(grads)  # one update for all parameters (optim.py)
+    grad_norm = optax.tree.norm(grad_vector)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     lr = schedule(state.step)
     opt_state = with_learning_rate(state.opt_state, lr)
-    updates, new_opt_state = tx.update(grads, opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_params, new_opt_state = optim.apply_update(tx, grad_vector, opt_state, state.params,
+                                                   keep=finite)
     nonfinite = jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32)
     new_state = state.replace(
-        step=state.step + 1, params=keep(new_params, state.params),
-        batch_stats=keep(batch_stats, state.batch_stats),
-        opt_state=keep(new_opt_state, state.opt_state), nonfinite=nonfinite)
+        step=state.step + 1, params=new_params,
+        batch_stats=jax.tree.map(lambda a, b: jnp.where(finite, a, b), batch_stats,
+                                 state.batch_stats),
+        opt_state=new_opt_state, nonfinite=nonfinite)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': lr, 'finite': finite,
                'nonfinite': nonfinite}
     return new_state, metrics
@@ -313,11 +317,35 @@ def _lock_workdir(workdir: str, host0: bool):
   return lock
 
 
+def _restore_newest(ckpts, tx, mesh, abstract: TrainState):
+  """`restore_newest_valid` of the train state; also reads checkpoints whose optimizer state
+  holds one moment per parameter array (written before `optim.init_state`'s one vector)."""
+  def items(state):
+    return {checkpoint.ITEM_PARAMS: state.params, checkpoint.ITEM_BATCH_STATS: state.batch_stats,
+            checkpoint.ITEM_TRAINING: _training_item(state)}
+
+  try:
+    return ckpts.restore_newest_valid(items(abstract))
+  except checkpoint.CheckpointMismatchError as error:
+    rep = parallel.replicated_sharding(mesh)
+    per_array = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                             jax.eval_shape(tx.init, abstract.params))
+    try:
+      step, restored = ckpts.restore_newest_valid(items(abstract.replace(opt_state=per_array)))
+    except checkpoint.CheckpointMismatchError:
+      raise error from None
+    if restored is not None:
+      training = restored[checkpoint.ITEM_TRAINING]
+      training['opt_state'] = jax.jit(
+          lambda tree: optim.state_from_tree(tree, abstract.params),
+          out_shardings=rep)(training['opt_state'])
+      logging.info('checkpoint %d holds one optimizer moment per parameter array: converted to '
+                   'one vector', step)
+    return step, restored
+
+
 def _restore_or_init(config, workdir, ckpts, init_fn, tx, data, mesh, abstract) -> TrainState:
-  step, items = ckpts.restore_newest_valid({
-      checkpoint.ITEM_PARAMS: abstract.params,
-      checkpoint.ITEM_BATCH_STATS: abstract.batch_stats,
-      checkpoint.ITEM_TRAINING: _training_item(abstract)})
+  step, items = _restore_newest(ckpts, tx, mesh, abstract)
   if items is not None:
     training = items[checkpoint.ITEM_TRAINING]
     logging.info('resuming %s from checkpoint %d', workdir, step)
@@ -330,7 +358,8 @@ def _restore_or_init(config, workdir, ckpts, init_fn, tx, data, mesh, abstract) 
     from_step, variables = checkpoint.load_variables(source, {
         'params': abstract.params, 'batch_stats': abstract.batch_stats})
     logging.info('fine-tuning from %s (checkpoint %d)', source, from_step)
-    init_opt = jax.jit(tx.init, out_shardings=parallel.replicated_sharding(mesh))
+    init_opt = jax.jit(functools.partial(optim.init_state, tx),
+                       out_shardings=parallel.replicated_sharding(mesh))
     return TrainState(step=parallel.replicate(np.int32(0), mesh), params=variables['params'],
                       batch_stats=variables['batch_stats'],
                       opt_state=init_opt(variables['params']),

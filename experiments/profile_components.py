@@ -163,7 +163,6 @@ def dense_layer_ops(prof: Profiler, batch: int, size: int, mid: int, depth: int,
 def profile_batch(batch: int, peak: float) -> Dict[str, Any]:
   import jax
   import jax.numpy as jnp
-  import optax
   from denseflow_jax import optim, parallel, train
   from denseflow_jax.bijectors.dequantize import VariationalDequantization
   from denseflow_jax.config_check import plan_model
@@ -220,10 +219,10 @@ def profile_batch(batch: int, peak: float) -> Dict[str, Any]:
   if not FLAGS.parts:
     return {'batch': batch, 'rows': prof.rows, 'step_s': t_step, 'minor_faults_per_step': faults}
 
-  # The optimizer update alone (the config's optimizer, as in the train step).
-  grads = jax.tree_util.tree_map(jnp.ones_like, params)
-  upd = jax.jit(lambda g, o, p: (lambda u, o2: (optax.apply_updates(p, u), o2))(
-      *tx.update(g, o, p)), donate_argnums=(1, 2))
+  # The optimizer update alone (the config's optimizer on the parameter vector, as in the
+  # train step).
+  grads = optim.parameter_vector(jax.tree_util.tree_map(jnp.ones_like, params))
+  upd = jax.jit(lambda g, o, p: optim.apply_update(tx, g, o, p)[::-1], donate_argnums=(1, 2))
   upd_c = upd.lower(grads, opt_state, params).compile()
   ost = [opt_state, params]
 

@@ -8,9 +8,11 @@ uniform dequantization) so that compiles stay short; the loop tests use `ToyFlow
 """
 import json
 import os
+import shutil
 import types
 
 import jax
+import jax.flatten_util
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
@@ -84,6 +86,56 @@ def test_optimizer_is_clipped_adamax_with_injected_lr():
   updates, _ = tx.update({'w': jnp.ones(3)}, half, params)
   ref_updates, _ = reference.update({'w': jnp.ones(3)}, ref_state, params)
   np.testing.assert_allclose(updates['w'], 0.5 * ref_updates['w'], rtol=1e-6)
+
+
+def _tree_params(seed=0):
+  rng = np.random.RandomState(seed)
+  return {'conv': {'kernel': jnp.asarray(rng.randn(3, 3, 2, 4), jnp.float32),
+                   'bias': jnp.asarray(rng.randn(4), jnp.float32)},
+          'scale': jnp.asarray(rng.randn(5), jnp.float32)}
+
+
+@pytest.mark.parametrize('clip', [0.0, 1.0])
+def test_vector_update_equals_the_per_array_update(clip):
+  # The optimizer on the one parameter vector does what it does on the arrays, to float32
+  # rounding: the arithmetic is element-wise, but XLA:CPU compiles the fused arithmetic of a
+  # long vector and of small arrays differently (a few elements differ by 1 ulp), and with
+  # clipping the global norm is summed in another order.
+  config = micro_config(lr=1e-2, grad_clip_norm=clip)
+  tx = optim.make_optimizer(config)
+  params = ref_params = _tree_params(0)
+  state, ref_state = optim.init_state(tx, params), tx.init(params)
+  assert jax.tree.leaves(state)[-1].shape == (3 * 3 * 2 * 4 + 4 + 5,)
+  update = jax.jit(lambda g, s, p: optim.apply_update(tx, optim.parameter_vector(g), s, p))
+
+  @jax.jit
+  def ref_update(g, s, p):  # what the train step did before: one update per array
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  for seed in (1, 2, 3):
+    grads = jax.tree.map(lambda x: 3.0 * x, _tree_params(seed))
+    params, state = update(grads, state, params)
+    ref_params, ref_state = ref_update(grads, ref_state, ref_params)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+      np.testing.assert_allclose(got, want, rtol=3e-7 if not clip else 1e-6, atol=1e-7)
+  converted = optim.state_from_tree(ref_state, ref_params)
+  assert jax.tree.structure(converted) == jax.tree.structure(state)
+  for got, want in zip(jax.tree.leaves(converted), jax.tree.leaves(state)):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_vector_update_keeps_everything_on_a_skipped_step():
+  tx = optim.make_optimizer(micro_config(lr=1e-2))
+  params = _tree_params(0)
+  state = optim.init_state(tx, params)
+  grads = optim.parameter_vector(_tree_params(1))
+  kept = optim.apply_update(tx, grads, state, params, keep=jnp.asarray(False))
+  moved = optim.apply_update(tx, grads, state, params, keep=jnp.asarray(True))
+  for got, want in zip(jax.tree.leaves(kept), jax.tree.leaves((params, state))):
+    np.testing.assert_array_equal(got, want)
+  assert not np.array_equal(moved[0]['scale'], params['scale'])
 
 
 # ----------------------------------------------------------------------------- train step
@@ -238,6 +290,33 @@ def test_per_step_work_fetches_nothing_from_the_devices(tmp_path, toy_loop, monk
     train.train_and_evaluate(micro_config(num_steps=12, log_every=4, checkpoint_every=3),
                              workdir)
   assert _checkpoint_steps(workdir) == [3, 6, 8]
+
+
+def test_resumes_a_checkpoint_with_one_optimizer_moment_per_array(tmp_path, toy_loop):
+  """A checkpoint of the earlier layout (Adamax moments per parameter array, before the
+  optimizer worked on one vector) resumes as the run that wrote it would have gone on."""
+  config = micro_config(num_steps=6, log_every=3, checkpoint_every=3)
+  full = train.train_and_evaluate(config, str(tmp_path / 'full'))
+  workdir = str(tmp_path / 'old')
+  train.train_and_evaluate(micro_config(num_steps=3, log_every=3, checkpoint_every=3), workdir)
+  stored = checkpoint.CheckpointReader(workdir).restore(
+      3, {checkpoint.ITEM_PARAMS: None, checkpoint.ITEM_BATCH_STATS: None,
+          checkpoint.ITEM_TRAINING: None})
+  params, training = stored[checkpoint.ITEM_PARAMS], stored[checkpoint.ITEM_TRAINING]
+  vector, unravel = jax.flatten_util.ravel_pytree(params)
+  per_array = jax.tree.map(lambda x: unravel(x) if x.shape == vector.shape else x,
+                           training['opt_state'])
+  assert len(jax.tree.leaves(per_array)) > len(jax.tree.leaves(training['opt_state']))
+  step_dir = os.path.join(checkpoint.checkpoint_dir(workdir), '3')
+  shutil.rmtree(step_dir)
+  ckpts = checkpoint.Checkpoints(workdir)
+  assert ckpts.save(3, params, stored[checkpoint.ITEM_BATCH_STATS],
+                    dict(training, opt_state=per_array))
+  ckpts.close()
+  resumed = train.train_and_evaluate(config, workdir)
+  assert int(resumed.step) == 6
+  for got, want in zip(jax.tree.leaves(resumed), jax.tree.leaves(full)):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_stops_after_consecutive_nonfinite_and_keeps_last_good_checkpoint(tmp_path, toy_loop):
