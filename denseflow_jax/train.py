@@ -180,6 +180,14 @@ def make_init_fn(model: DenseFlow, tx: optax.GradientTransformation,
   return run
 
 
+# XLA:CPU options of the train step: backend optimisation level 1 and LLVM without its
+# expensive passes. The step's time goes to library convolutions and matmuls (oneDNN, YNN),
+# not to the loops LLVM optimises, so the step runs as fast while it compiles in about 20 s
+# instead of 28 s (tiny, BENCHMARKS.md). Not used on GPU or TPU.
+CPU_STEP_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1,
+                             'xla_llvm_disable_expensive_passes': True}
+
+
 def make_train_step(model: DenseFlow, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     mesh, nonfinite_steps: Sequence[int] = ()
                     ) -> Callable[[TrainState, jax.Array], Tuple[TrainState, Dict[str, jax.Array]]]:
@@ -222,7 +230,9 @@ def make_train_step(model: DenseFlow, tx: optax.GradientTransformation, schedule
                'nonfinite': nonfinite}
     return new_state, metrics
 
-  return jax.jit(step_fn, in_shardings=(rep, bat), out_shardings=(rep, rep), donate_argnums=(0,))
+  cpu = mesh.devices.flat[0].platform == 'cpu'
+  return jax.jit(step_fn, in_shardings=(rep, bat), out_shardings=(rep, rep), donate_argnums=(0,),
+                 compiler_options=CPU_STEP_COMPILER_OPTIONS if cpu else None)
 
 
 # ----------------------------------------------------------------------------- the loop
