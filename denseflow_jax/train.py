@@ -93,7 +93,7 @@ import numpy as np
 import optax
 
 from denseflow_jax import (checkpoint, config_file, console, cpu_tuning, evaluation, optim,
-                           param_init, parallel)
+                           param_init, parallel, program_cache)
 from denseflow_jax.config_check import validate_config
 from denseflow_jax.data import Data, make_data
 from denseflow_jax.evaluation import INIT_TAG, TRAIN_TAG, run_key
@@ -137,6 +137,16 @@ class TrainState(flax.struct.PyTreeNode):
 # ----------------------------------------------------------------------------- steps
 
 
+# The init program runs once: compiled at backend optimisation level 0.
+INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
+
+
+def program_key(config: ml_collections.ConfigDict, model, **extra) -> Dict[str, Any]:
+  """What a saved program of this run depends on besides its arguments (`program_cache`)."""
+  return {'config': config.to_json_best_effort(sort_keys=True),
+          'model': f'{type(model).__module__}.{type(model).__qualname__}', **extra}
+
+
 def make_init_fn(model: DenseFlow, tx: optax.GradientTransformation,
                  config: ml_collections.ConfigDict, mesh) -> Callable[[jax.Array], TrainState]:
   """`first_batch -> TrainState` at step 0 (ActNorm data-dependent init on that batch).
@@ -158,25 +168,28 @@ def make_init_fn(model: DenseFlow, tx: optax.GradientTransformation,
                       rng=run_key(config, TRAIN_TAG), nonfinite=jnp.zeros((), jnp.int32))
 
   jitted = jax.jit(init, in_shardings=(bat,), out_shardings=rep)
-  traced = {}
+  programs = {}
 
-  def trace(batch) -> jax.stages.Traced:
-    # One trace serves `.abstract` (the loop asks for it first) and the compile.
+  def program(batch) -> program_cache.Program:
+    # One export (or saved one) serves `.abstract` (the loop asks for it first) and the compile.
     key = (tuple(batch.shape), jnp.dtype(batch.dtype))
-    if key not in traced:
+    if key not in programs:
       with jax.threefry_partitionable(False):
-        traced[key] = jitted.trace(jax.ShapeDtypeStruct(batch.shape, batch.dtype, sharding=bat))
-    return traced[key]
+        programs[key] = program_cache.Program.load_or_export(
+            jitted, (jax.ShapeDtypeStruct(batch.shape, batch.dtype, sharding=bat),),
+            name='init', key=program_key(config, model), mesh=mesh,
+            compiler_options=INIT_COMPILER_OPTIONS)
+    return programs[key]
 
   def run(batch: jax.Array) -> TrainState:
     # Runs once: compiled at XLA backend optimisation level 0, as in
     # `denseflow_jax.model.init_variables` (a few seconds for the tiny model).
     with jax.threefry_partitionable(False):
-      lowered = trace(batch).lower()
-    traced.clear()
-    return lowered.compile(compiler_options={'xla_backend_optimization_level': 0})(batch)
+      compiled = program(batch).compile()
+    programs.clear()
+    return compiled(batch)
 
-  run.abstract = lambda batch: trace(batch).out_info  # structure without compiling
+  run.abstract = lambda batch: program(batch).out_info  # structure without compiling
   return run
 
 
@@ -230,9 +243,13 @@ def make_train_step(model: DenseFlow, tx: optax.GradientTransformation, schedule
                'nonfinite': nonfinite}
     return new_state, metrics
 
-  cpu = mesh.devices.flat[0].platform == 'cpu'
   return jax.jit(step_fn, in_shardings=(rep, bat), out_shardings=(rep, rep), donate_argnums=(0,),
-                 compiler_options=CPU_STEP_COMPILER_OPTIONS if cpu else None)
+                 compiler_options=step_compiler_options(mesh))
+
+
+def step_compiler_options(mesh) -> Optional[Dict[str, Any]]:
+  """The train step's compile options on `mesh`'s platform (`CPU_STEP_COMPILER_OPTIONS`)."""
+  return CPU_STEP_COMPILER_OPTIONS if mesh.devices.flat[0].platform == 'cpu' else None
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -278,21 +295,25 @@ def _abstract_state(init_fn, data: Data, mesh) -> TrainState:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), shapes)
 
 
-def _compile_step(train_step, abstract: TrainState, data: Data, mesh):
+def _compile_step(train_step, abstract: TrainState, data: Data, mesh, key: Dict[str, Any]):
   """`train_step` compiled for the loop's state and batch, before the state exists.
 
   Compiling first and then building the state (init or restore) keeps the compile's peak off
   the initial state and the init program's freed memory, and both are handed back to the
   kernel afterwards (`cpu_tuning.release_free_memory`): on the tiny config the process peaks
   at 2.0 GiB instead of 2.9 GiB, and holds 1.3 GiB instead of 2.6 GiB while training. The
-  compiled program is what the jitted step would compile on its first call (same shardings,
-  donation and persistent-cache entry), so the steps are bit for bit the same.
+  program is exported (or its saved export loaded, `program_cache`: no trace on a restart)
+  and compiled with the jitted step's shardings, donation and compile options.
   """
   logging.info('compiling the train step...')
   t0 = time.monotonic()
-  compiled = train_step.lower(abstract, _batch_spec(data, mesh)).compile()
+  program = program_cache.Program.load_or_export(
+      train_step, (abstract, _batch_spec(data, mesh)), name='train_step', key=key, mesh=mesh,
+      donate_argnums=(0,), compiler_options=step_compiler_options(mesh))
+  compiled = program.compile()
   cpu_tuning.release_free_memory()
-  logging.info('train step compiled in %s', format_seconds(time.monotonic() - t0))
+  logging.info('train step %s in %s', 'loaded and compiled' if program.loaded else 'compiled',
+               format_seconds(time.monotonic() - t0))
   return compiled
 
 
@@ -560,6 +581,8 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
   tx = make_optimizer(config)
   init_fn = make_init_fn(model, tx, config, mesh)
   train_step = make_train_step(model, tx, schedule, mesh, nonfinite_steps)
+  step_key = program_key(config, model, steps_per_epoch=steps_per_epoch,
+                         nonfinite_steps=sorted(int(s) for s in nonfinite_steps))
   t = config.train
 
   ckpts = checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints)
@@ -568,7 +591,8 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
     abstract = _abstract_state(init_fn, data, mesh)
     # A fresh run compiles the step before the init program runs; a resumed one after the
     # restore (which compiles nothing), and only if there are steps left.
-    compiled_step = None if ckpts.all_steps() else _compile_step(train_step, abstract, data, mesh)
+    compiled_step = (None if ckpts.all_steps() else
+                     _compile_step(train_step, abstract, data, mesh, step_key))
     t_init = time.monotonic()
     state = _restore_or_init(config, workdir, ckpts, init_fn, tx, data, mesh, abstract)
     jax.block_until_ready(state)
@@ -581,7 +605,7 @@ def _train_locked(config, workdir, data, mesh, host0, nonfinite_steps) -> TrainS
     writer = metric_writer.create_writer(workdir, host0)
     start = int(parallel.to_host(state.step))
     if compiled_step is None and start < total_steps:
-      compiled_step = _compile_step(train_step, abstract, data, mesh)
+      compiled_step = _compile_step(train_step, abstract, data, mesh, step_key)
     logging.info('%d devices, %d processes; global batch %d; %d steps/epoch; steps %d -> %d',
                  jax.device_count(), jax.process_count(), data.global_batch_size,
                  steps_per_epoch, start, total_steps)

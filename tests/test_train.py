@@ -260,10 +260,6 @@ def test_per_step_work_fetches_nothing_from_the_devices(tmp_path, toy_loop, monk
   check points an error; a step that fetches its loss fails at once."""
   workdir = str(tmp_path / 'run')
   config = micro_config(num_steps=8, log_every=4, checkpoint_every=3)
-  steps = []
-  make_train_step = train.make_train_step
-  monkeypatch.setattr(train, 'make_train_step',
-                      lambda *a, **k: steps.append(make_train_step(*a, **k)) or steps[-1])
   state = train.train_and_evaluate(config, workdir, nonfinite_steps=[5])
   assert int(state.step) == 8
   assert _checkpoint_steps(workdir) == [3, 6, 8]  # 6: the state of the skipped step 5
@@ -271,21 +267,20 @@ def test_per_step_work_fetches_nothing_from_the_devices(tmp_path, toy_loop, monk
   assert [(r['step'], r['skipped_steps']) for r in rows] == [(4, 0.0), (8, 1.0)]
   assert all(r['steps_per_sec'] > 0 and np.isfinite(r['train_bpd']) for r in rows)
 
-  class FetchingStep:
-    """The jitted step's `.lower(...).compile()`, whose program fetches at every step (what the
-    loop must not do)."""
+  compile_step = train._compile_step  # pylint: disable=protected-access
 
-    def lower(self, *args):
-      compiled = steps[0].lower(*args).compile()
+  def fetching_compile_step(*args, **kwargs):
+    """The loop's compiled step, made to fetch its loss at every step (what it must not do)."""
+    compiled = compile_step(*args, **kwargs)
 
-      def fetching_step(state, batch):
-        state, metrics = compiled(state, batch)
-        float(metrics['loss'])
-        return state, metrics
+    def fetching_step(state, batch):
+      state, metrics = compiled(state, batch)
+      float(metrics['loss'])
+      return state, metrics
 
-      return types.SimpleNamespace(compile=lambda: fetching_step)
+    return fetching_step
 
-  monkeypatch.setattr(train, 'make_train_step', lambda *a, **k: FetchingStep())
+  monkeypatch.setattr(train, '_compile_step', fetching_compile_step)
   with pytest.raises(Exception, match='Disallowed device-to-host transfer'):
     train.train_and_evaluate(micro_config(num_steps=12, log_every=4, checkpoint_every=3),
                              workdir)
