@@ -17,7 +17,8 @@ shardings, the devices (platform, kind, count, processes), the compile options a
 `XLA_FLAGS`, the versions of jax, jaxlib, flax, optax and numpy, and a hash of every source
 file of the `denseflow_jax` package. A file that cannot be read is reported, ignored and
 replaced. Several processes (hosts) never share a file: with more than one process the
-programs are exported but not saved.
+programs are exported but not saved. The files hold pickled pytree structures: keep the cache
+directory as private as the code you run (as JAX's own cache, whose programs run as they are).
 """
 import dataclasses
 import functools

@@ -69,3 +69,18 @@ def pytest_collection_modifyitems(config, items):
   tests then overlap the many short ones instead of running alone at the end."""
   del config
   items.sort(key=lambda item: 0 if item.get_closest_marker('slow') else 1)
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+  """JAX's persistent compilation cache on in `tmp_path/xla` for one test (and with it the
+  saved exports of `denseflow_jax.program_cache`); the earlier settings afterwards."""
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache)
+  path = str(tmp_path / 'xla')
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_enable_compilation_cache', True)
+  try:
+    yield path
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before[0])
+    jax.config.update('jax_enable_compilation_cache', before[1])

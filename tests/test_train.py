@@ -314,6 +314,28 @@ def test_resumes_a_checkpoint_with_one_optimizer_moment_per_array(tmp_path, toy_
     np.testing.assert_array_equal(got, want)
 
 
+def test_a_restart_loads_the_saved_programs_and_trains_the_same(tmp_path, toy_loop, cache_dir,
+                                                               caplog):
+  """With the compilation cache on, a second run loads the init and train step exports
+  instead of tracing them, and trains bit for bit as the first."""
+  config = micro_config(num_steps=4, log_every=2, checkpoint_every=4)
+  first = train.train_and_evaluate(config, str(tmp_path / 'a'))
+  names = sorted(n.split('-')[0] for n in os.listdir(os.path.join(cache_dir, 'exported')))
+  assert names == ['init', 'train_step']
+  caplog.clear()
+  caplog.set_level('INFO')
+  second = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert 'init: loaded its saved export' in caplog.text
+  assert 'train_step: loaded its saved export' in caplog.text
+  for got, want in zip(jax.tree.leaves(second), jax.tree.leaves(first)):
+    np.testing.assert_array_equal(got, want)
+  # A test hook that changes the step's program is part of the key.
+  caplog.clear()
+  train.train_and_evaluate(config, str(tmp_path / 'c'), nonfinite_steps=[1])
+  assert 'init: loaded its saved export' in caplog.text
+  assert 'train_step: loaded' not in caplog.text
+
+
 def test_stops_after_consecutive_nonfinite_and_keeps_last_good_checkpoint(tmp_path, toy_loop):
   """Skips are seen at check points (log every 5, checkpoint every 3); limit 3 in a row.
 
