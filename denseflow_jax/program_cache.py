@@ -81,11 +81,13 @@ def _spec(leaf) -> str:
 class Program:
   """A jitted function's export for given arguments; `compile()` gives the callable.
 
-  `out_info`: the output structure (a pytree of `jax.ShapeDtypeStruct`); `loaded`: whether it
-  came from disk (no trace).
+  `args`: the arguments it is compiled for (pytrees of `jax.ShapeDtypeStruct` with their
+  shardings); `out_info`: the output structure (a pytree of `jax.ShapeDtypeStruct`);
+  `loaded`: whether it came from disk (no trace).
   """
   exported: export.Exported
   mesh: jax.sharding.Mesh
+  args: Sequence[PyTree]
   donate_argnums: Sequence[int]
   compiler_options: Optional[Dict[str, Any]]
   loaded: bool
@@ -99,13 +101,9 @@ class Program:
 
   def compile(self) -> Callable[..., PyTree]:
     """The compiled program (through the persistent compilation cache when it is on)."""
-    shardings = self.exported.in_shardings_jax(self.mesh)
-    leaves = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-              for a, s in zip(self.exported.in_avals, shardings)]
-    args, kwargs = jax.tree.unflatten(self.exported.in_tree, leaves)
     jitted = jax.jit(self.exported.call, donate_argnums=tuple(self.donate_argnums),
                      compiler_options=self.compiler_options)
-    return jitted.lower(*args, **kwargs).compile()
+    return jitted.lower(*self.args).compile()
 
   @classmethod
   def load_or_export(cls, jitted: Callable, args: Sequence[PyTree], *, name: str,
@@ -131,7 +129,7 @@ class Program:
       try:
         exported = _read(path)
         logging.info('%s: loaded its saved export (%s)', name, path)
-        return cls(exported, mesh, donate_argnums, compiler_options, loaded=True)
+        return cls(exported, mesh, tuple(args), donate_argnums, compiler_options, loaded=True)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('%s: cannot read %s (%s: %s); exporting it again', name, path,
                         type(e).__name__, e)
@@ -141,7 +139,7 @@ class Program:
         _write(path, exported)
       except OSError as e:
         logging.warning('%s: cannot save its export to %s (%s)', name, path, e)
-    return cls(exported, mesh, donate_argnums, compiler_options, loaded=False)
+    return cls(exported, mesh, tuple(args), donate_argnums, compiler_options, loaded=False)
 
 
 def _read(path: str) -> export.Exported:
