@@ -83,14 +83,20 @@ def apply_update(tx: optax.GradientTransformation, grad_vector: jax.Array, opt_s
 
   `grad_vector`: `parameter_vector` of the gradients; `opt_state` from `init_state`. Where
   `keep` (a bool scalar) is False, params and opt_state stay as they were (a skipped step).
+  The moments are updated as vectors; the update vector is split into the parameters' shapes
+  and added array by array, so the parameters are never concatenated (a 10 M-element copy on
+  the tiny config, 19 ms of its 0.5 s CPU step).
   """
-  flat_params, unravel = jax.flatten_util.ravel_pytree(params)
-  updates, new_state = tx.update(grad_vector, opt_state, flat_params)
-  new_params = optax.apply_updates(flat_params, updates)
+  unravel = jax.flatten_util.ravel_pytree(params)[1]
+  try:  # make_optimizer's transforms read no parameters: no vector of them is built
+    updates, new_state = tx.update(grad_vector, opt_state)
+  except (TypeError, ValueError):  # a transform that needs them (e.g. weight decay)
+    updates, new_state = tx.update(grad_vector, opt_state, parameter_vector(params))
+  new_params = optax.apply_updates(params, unravel(updates))
   if keep is not None:
-    new_params = jnp.where(keep, new_params, flat_params)
+    new_params = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_params, params)
     new_state = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new_state, opt_state)
-  return unravel(new_params), new_state
+  return new_params, new_state
 
 
 def state_from_tree(tree_state: PyTree, params: PyTree) -> PyTree:

@@ -534,9 +534,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   subclasses (`WorkdirLockedError`, `CheckpointWriteError`, `CheckpointMismatchError`,
   `CheckpointAccessError`) for a workdir that is in use, cannot be written, or holds
   checkpoints of another model or unreadable ones. `nonfinite_steps`: testing hook, see
-  `make_train_step`.
+  `make_train_step`. Sets the process's BLAS libraries to one thread
+  (`cpu_tuning.single_thread_blas`: JAX's CPU LAPACK calls inside the step use them).
   """
   validate_config(config)
+  cpu_tuning.single_thread_blas()
   host0 = jax.process_index() == 0
   mesh = parallel.make_mesh()
   try:

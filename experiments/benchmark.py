@@ -363,9 +363,11 @@ def job_loop() -> List[Dict[str, Any]]:
 
 def run_child_job() -> None:
   """Measures the rows of `--job` in this process and writes them to `--job_out`."""
+  from denseflow_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
+  # What cli.run set for every entry point (idempotent: this reads it back).
+  settings = {'malloc': cpu_tuning.tune_malloc(), 'blas_threads': cpu_tuning.single_thread_blas()}
   tuning = None
   if FLAGS.cpu_tuning:  # before JAX starts a backend, as experiments/train.py --cpu_tuning
-    from denseflow_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
     tuning = cpu_tuning.apply()
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.job != 'loop':
@@ -383,6 +385,7 @@ def run_child_job() -> None:
   shared = {'load_at_start': _LOAD_AT_IMPORT, 'platform': jax.default_backend(),
             'device': measure.device_info(), 'device_memory': measure.device_memory(),
             'hwm_rss_gib': measure.hwm_rss_gib(), 'cpu_tuning': tuning,
+            'process_settings': settings,
             'xla_flags_env': os.environ.get('XLA_FLAGS', ''), 'dtype': FLAGS.job_dtype}
   extra = {}
   if FLAGS.cost_checks and FLAGS.job == 'step':
