@@ -243,14 +243,12 @@ def quiet_startup() -> None:
 def run(main: Callable[[List[str]], Any]) -> None:
   """`absl.app.run(main)` with expected failures turned into `error: ...` and status 2.
 
-  First, before JAX starts, it applies `cpu_tuning`'s malloc settings (one arena, no mmap,
-  no trim: XLA's per-step buffers are reused instead of page-faulted in again) and sets the
-  process's BLAS libraries to one thread (JAX's CPU LAPACK calls inside XLA programs would
-  otherwise wake BLAS threads that compete with XLA's own); see `cpu_tuning`.
+  Also sets the process's BLAS libraries to one thread (`cpu_tuning.single_thread_blas`):
+  every entry point runs XLA programs whose CPU LAPACK calls would otherwise wake BLAS
+  threads that compete with XLA's own.
   """
   quiet_startup()
   from denseflow_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
-  cpu_tuning.apply(xla=False)
   cpu_tuning.single_thread_blas()
 
   def guarded(argv):

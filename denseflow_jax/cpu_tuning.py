@@ -1,42 +1,45 @@
-"""Process settings that make XLA:CPU faster: glibc malloc options, one BLAS thread, XLA flags.
+"""Process settings that make XLA:CPU training faster: XLA flags and glibc malloc options.
 
-Every entry point (`cli.run`) applies the first two by default, before JAX starts a backend;
-the XLA flags are opt-in (`experiments/train.py --cpu_tuning`). Each changes nothing where it
-does not apply:
+`apply()` must run before JAX starts a backend (before the first `jax.devices()`, array or
+jit call), which is why the entry points call it at the top of `main`. It changes nothing
+when the settings do not apply:
 
-- glibc malloc (`tune_malloc`, `mallopt`): one arena, no mmap for large blocks, no trimming
-  of the heap top (the same settings as `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
-  MALLOC_TRIM_THRESHOLD_=...` in the environment). XLA:CPU allocates each run's temporary
-  buffers afresh. With glibc's defaults, a block above the mmap threshold is a fresh mapping
-  that is page-faulted in and unmapped at every step, and the other threads' arenas map such
-  blocks even with mmap switched off. With the three settings, the buffers one step frees
-  are reused by the next. The tiny config's train step touched 95 k fresh pages per step
-  before and 0-9 k after, and took 0.36-0.47 s before against 0.27-0.34 s after. The 8x8
-  quickstart ran at the same speed (26-28 steps/s) with a lower peak RSS (0.69 against
-  0.79-1.04 GB). Only on Linux with glibc, and not when the environment already sets a
-  `MALLOC_*` option. It must run before JAX starts its threads: a thread that already has an
-  arena keeps it. Memory that malloc holds free is handed back by `release_free_memory`,
-  which the training loop calls after each compile.
-- BLAS threads (`single_thread_blas`): the BLAS libraries of the process (OpenBLAS behind
-  numpy and scipy) run on one thread. JAX's CPU linear-algebra kernels call scipy's LAPACK
-  from inside a running XLA program: the LU of `slogdet` and `inv` in the invertible 1x1
-  convolutions, and the triangular solves of their gradients. With OpenBLAS's default of one
-  thread per core, each call wakes OpenBLAS's worker threads. They then busy-wait for the
-  next call and take a core from XLA's own threads. In one process that switched between the
-  two settings every 7 steps, the tiny config's train step took 0.53-0.61 s with 2 BLAS
-  threads and 0.46-0.50 s with one (same bits). The training loop calls it too, for library
-  users who call `train.train_and_evaluate` from their own code.
-- XLA flags (`XLA_FLAGS`, opt-in): oneDNN matmuls and convolutions and 512-bit vectors for XLA:CPU
+- XLA flags (`XLA_FLAGS`): oneDNN matmuls and convolutions and 512-bit vectors for XLA:CPU
   (see /BENCHMARKS.md). They are experimental XLA options, so they are added only for the
   jaxlib versions they were measured on (`TESTED_JAXLIB`), never when a GPU or TPU plugin is
   installed (an accelerator run needs none of them, and an unknown name in `XLA_FLAGS` aborts
-  the process), and never when `XLA_FLAGS` already sets any of them. With them on, XLA:CPU
-  cannot serialise the compiled programs (the persistent compilation cache logs "Error
-  writing persistent compilation cache entry ... std::bad_alloc" for every program, jaxlib
-  0.12), so every start compiles from scratch; and with them, one malloc arena was slower
-  (the oneDNN kernels' threads contend for the malloc lock: the 8x8 quickstart ran at 7.8
-  steps/s with the flags and one arena, 14.3 with the flags alone), so `apply()` with the
-  flags leaves the arenas alone.
+  the process), and never when `XLA_FLAGS` already sets any of them.
+- glibc malloc (`mallopt`): no mmap for large blocks, no trimming of the heap top, so the
+  buffers XLA frees after one step are reused by the next instead of being returned to the
+  kernel and page-faulted in again (the same settings as `MALLOC_MMAP_MAX_=0`
+  `MALLOC_TRIM_THRESHOLD_=...` in the environment). Only on Linux with glibc, and not when
+  the environment already sets a `MALLOC_*` option. The number of arenas is left alone: with
+  one arena (`M_ARENA_MAX=1`) the oneDNN kernels' threads contend for the malloc lock: the 8x8
+  quickstart ran at 7.8 steps/s with the XLA flags and one arena, 14.3 with the flags alone.
+
+With the XLA flags on, XLA:CPU cannot serialise the compiled programs (the persistent
+compilation cache logs "Error writing persistent compilation cache entry ... std::bad_alloc"
+for every program, jaxlib 0.12), so every start compiles from scratch.
+
+One more setting is on by default and needs no flag: `single_thread_blas()` runs the BLAS
+libraries of the process (OpenBLAS behind numpy and scipy) on one thread. JAX's CPU
+linear-algebra kernels call scipy's LAPACK from inside a running XLA program: the LU of
+`slogdet` and `inv` in the invertible 1x1 convolutions, and the triangular solves of their
+gradients. With OpenBLAS's default of one thread per core, each call wakes OpenBLAS's worker
+threads. They then busy-wait for the next call and take a core from XLA's own threads (15%
+of all CPU samples of tiny's train step on 2 cores were OpenBLAS's `blas_thread_server`). In
+one process that switched between the two settings every 7 steps, the tiny config's train
+step took 0.53-0.61 s with 2 BLAS threads and 0.46-0.50 s with one (same bits). Every entry
+point (`cli.run`) and the training loop call it.
+
+One malloc arena (`M_ARENA_MAX=1`) with the malloc settings above was tried as a default
+and is not one. It stops the page faults of XLA's per-step buffers: the other threads'
+arenas map blocks of more than 64 MiB afresh even with mmap off, 95 k fresh pages per step
+on tiny. Then tiny's step took 0.27-0.34 s in processes that loaded their program from the
+cache, against 0.36-0.47 s. But in a process that compiled the step itself, the compiler's
+freed memory fragments the one heap: 18% of the samples were `_int_malloc`, and the step took
+0.44-0.54 s. On DenseFlow-74-10 the loop's peak RSS rose from 5.6-5.8 to 11.8-15.3 GiB, and
+its step from 5.6-6.2 s to 6.5-9.7 s.
 
 These settings change the order of floating-point operations of some kernels (oneDNN), so a
 run with them and a run without them differ in the last bits; a resumed run applies the same
@@ -59,7 +62,7 @@ _ACCELERATOR_PACKAGES = ('jax-cuda12-plugin', 'jax-cuda13-plugin', 'jax-rocm60-p
                          'jax-rocm7-plugin', 'libtpu', 'libtpu-nightly')
 
 # mallopt parameters (glibc malloc.h) and the values used.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 _MALLOPT = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2 ** 31 - 1, _M_TOP_PAD: 512 * 2 ** 20}
 
 
@@ -126,9 +129,9 @@ def single_thread_blas() -> Dict[str, int]:
   """Sets every BLAS library loaded in the process to one thread; returns {library: before}.
 
   Loads scipy's LAPACK first (as JAX does at its first CPU linear-algebra call), so that the
-  library JAX's kernels will call is among them. Changes no result (the matrices are small and
-  OpenBLAS's kernels do not depend on the thread count for them), and can be called any
-  number of times. `{}` where threadpoolctl or scipy is missing (nothing is changed then).
+  library JAX's kernels will call is among them. Changes no result (the matrices are small),
+  and can be called any number of times. `{}` where threadpoolctl or scipy is missing
+  (nothing is changed then).
   """
   try:
     import scipy.linalg.cython_lapack  # pylint: disable=g-import-not-at-top,unused-import
@@ -143,8 +146,8 @@ def single_thread_blas() -> Dict[str, int]:
   return before
 
 
-def _set_mallopt(one_arena: bool = True) -> str:
-  """Applies `_MALLOPT` and the number of arenas; '' on success, else why not."""
+def _set_mallopt() -> str:
+  """Applies `_MALLOPT`; '' on success, else why not."""
   if not sys.platform.startswith('linux'):
     return f'not Linux ({sys.platform})'
   if any(k.startswith('MALLOC_') for k in os.environ):
@@ -153,36 +156,19 @@ def _set_mallopt(one_arena: bool = True) -> str:
   if mallopt is None:
     return 'no glibc mallopt'
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-  # Without one arena: glibc's default number for 64-bit systems (an earlier call may have set
-  # one; mallopt cannot reset it to "default").
-  arenas = 1 if one_arena else 8 * (os.cpu_count() or 1)
-  for param, value in {_M_ARENA_MAX: arenas, **_MALLOPT}.items():
+  for param, value in _MALLOPT.items():
     if mallopt(param, value) != 1:
       return f'mallopt({param}, {value}) failed'
   return ''
-
-
-def tune_malloc(one_arena: bool = True) -> str:
-  """Applies the malloc settings of the module doc; returns what was done (a log line).
-
-  `'mallopt: one arena, no mmap, no trim'`, or `'not tuned: <reason>'` (not Linux, no glibc, or
-  `MALLOC_*` set in the environment). Call before JAX starts a backend.
-  """
-  reason = _set_mallopt(one_arena)
-  if reason:
-    return f'not tuned: {reason}'
-  return 'mallopt: ' + ('one arena, ' if one_arena else '') + 'no mmap, no trim'
 
 
 def apply(xla: bool = True, malloc: bool = True) -> Dict[str, str]:
   """Applies the settings that apply here (see the module doc); returns what was done.
 
   `{'xla_flags': 'added ...' or 'not added: <reason>', 'malloc': ...}`; logged at INFO.
-  Call before JAX starts a backend: XLA reads `XLA_FLAGS` once, at backend start. With the
-  XLA flags added, malloc keeps its arenas (see the module doc).
+  Call before JAX starts a backend: XLA reads `XLA_FLAGS` once, at backend start.
   """
   done = {}
-  flags_added = False
   if xla:
     reason = xla_flags_reason()
     if reason:
@@ -191,9 +177,9 @@ def apply(xla: bool = True, malloc: bool = True) -> Dict[str, str]:
       os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', '').strip(), *XLA_FLAGS]
                                          ).strip()
       done['xla_flags'] = 'added ' + ' '.join(XLA_FLAGS)
-      flags_added = True
   if malloc:
-    done['malloc'] = tune_malloc(one_arena=not flags_added)
+    reason = _set_mallopt()
+    done['malloc'] = f'not tuned: {reason}' if reason else 'mallopt: no mmap, no trim'
   logging.getLogger(__name__).info('CPU tuning: %s', '; '.join(f'{k} {v}' for k, v in
                                                               done.items()))
   return done

@@ -8,9 +8,9 @@ global batch is split over them). Several hosts: start one process per host with
 variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); on Cloud TPU, SLURM or
 Open MPI, `--auto_distributed` lets jax.distributed detect them.
 
-Like every entry point, it runs with `denseflow_jax.cpu_tuning`'s malloc settings (one arena,
-no mmap, no trim) and one BLAS thread (`cli.run`, see BENCHMARKS.md). `--cpu_tuning` adds the
-XLA:CPU performance flags (oneDNN) before JAX starts. Off by default: on the 8x8 quickstart
+Like every entry point, it runs with one BLAS thread (`cli.run`, see
+`denseflow_jax.cpu_tuning`). `--cpu_tuning` applies the XLA:CPU performance flags and glibc
+malloc settings of `denseflow_jax.cpu_tuning` before JAX starts. Off by default: on the 8x8 quickstart
 they ran at 12-15 steps/s against 16.4 without, and XLA:CPU cannot write the persistent
 compilation cache with the flags on.
 
@@ -36,9 +36,9 @@ _AUTO_DISTRIBUTED = flags.DEFINE_bool('auto_distributed', False, 'Let jax.distri
 _VERBOSE_CHECKPOINTING = flags.DEFINE_bool('verbose_checkpointing', False,
                                            'Keep orbax INFO logs (hidden by default).')
 _CPU_TUNING = flags.DEFINE_bool('cpu_tuning', False, 'On CPU, add the XLA:CPU performance flags '
-                                 '(oneDNN; denseflow_jax.cpu_tuning). Off by default: it made the '
-                                 '8x8 quickstart slower and stops the compilation cache from '
-                                 'storing programs.')
+                                 'and keep freed memory in glibc malloc (denseflow_jax.cpu_tuning'
+                                 '). Off by default: it made the 8x8 quickstart slower and stops '
+                                 'the compilation cache from storing programs.')
 _CACHE = flags.DEFINE_bool('compilation_cache', True, 'Use the persistent XLA compilation '
                             'cache (DENSEFLOW_JAX_CACHE, default ~/.cache/denseflow_jax/xla).')
 flags.mark_flags_as_required(['config', 'workdir'])
