@@ -245,10 +245,14 @@ def run(main: Callable[[List[str]], Any]) -> None:
 
   Also sets the process's BLAS libraries to one thread (`cpu_tuning.single_thread_blas`):
   every entry point runs XLA programs whose CPU LAPACK calls would otherwise wake BLAS
-  threads that compete with XLA's own.
+  threads that compete with XLA's own. A script's `main` (defined in `__main__`) first
+  restarts its process once with malloc's transparent huge pages
+  (`cpu_tuning.restart_with_huge_pages`; `DENSEFLOW_HUGE_PAGES=0` turns it off).
   """
-  quiet_startup()
   from denseflow_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
+  if getattr(main, '__module__', None) == '__main__':
+    cpu_tuning.restart_with_huge_pages()  # returns only where it does not apply
+  quiet_startup()
   cpu_tuning.single_thread_blas()
 
   def guarded(argv):

@@ -365,7 +365,8 @@ def run_child_job() -> None:
   """Measures the rows of `--job` in this process and writes them to `--job_out`."""
   from denseflow_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
   # What cli.run set for every entry point (idempotent: this reads it back).
-  settings = {'blas_threads': cpu_tuning.single_thread_blas()}
+  settings = {'blas_threads': cpu_tuning.single_thread_blas(),
+              'malloc_huge_pages': cpu_tuning.huge_pages_state()}
   tuning = None
   if FLAGS.cpu_tuning:  # before JAX starts a backend, as experiments/train.py --cpu_tuning
     tuning = cpu_tuning.apply()

@@ -109,3 +109,82 @@ print(json.dumps({'before': before, 'after': after}))
   assert result['after'] and set(result['after'].values()) == {1}, result
   assert len(result['before']) == len(result['after'])
 
+
+
+# ----------------------------------------------------------------------------- huge pages
+
+
+@pytest.mark.parametrize('environ, platform, glibc, mode, expected', [
+    ({}, 'linux', (2, 36), 'madvise', ''),
+    ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, 'linux', (2, 35), 'madvise', ''),
+    ({cpu_tuning.HUGE_PAGES_ENV: '0'}, 'linux', (2, 36), 'madvise', 'DENSEFLOW_HUGE_PAGES=0'),
+    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, 'linux', (2, 36), 'madvise',
+     'GLIBC_TUNABLES sets glibc.malloc.hugetlb'),
+    ({}, 'darwin', None, '', 'not Linux (darwin)'),
+    ({}, 'linux', None, 'madvise', 'no glibc >= 2.35'),
+    ({}, 'linux', (2, 31), 'madvise', 'glibc 2.31 < 2.35'),
+    ({}, 'linux', (2, 36), 'always', 'transparent huge pages: always (not madvise)'),
+    ({}, 'linux', (2, 36), 'never', 'transparent huge pages: never (not madvise)'),
+    ({}, 'linux', (2, 36), '', 'transparent huge pages: unknown (not madvise)'),
+])
+def test_huge_pages_apply_only_where_they_change_something(environ, platform, glibc, mode,
+                                                           expected):
+  assert cpu_tuning.huge_pages_reason(environ, platform, glibc, mode) == expected
+
+
+def test_transparent_huge_pages_mode_reads_the_bracketed_choice(tmp_path):
+  path = tmp_path / 'enabled'
+  path.write_text('always [madvise] never\n')
+  assert cpu_tuning.transparent_huge_pages_mode(str(path)) == 'madvise'
+  path.write_text('[always] madvise never\n')
+  assert cpu_tuning.transparent_huge_pages_mode(str(path)) == 'always'
+  assert cpu_tuning.transparent_huge_pages_mode(str(tmp_path / 'missing')) == ''
+
+
+_SCRIPT = '''
+import os, sys
+from absl import flags
+from denseflow_jax import cli, cpu_tuning
+flags.DEFINE_integer('x', 0, 'a flag')
+def main(argv):
+  print('main', os.getpid(), flags.FLAGS.x, sys.flags.utf8_mode, os.environ.get('GLIBC_TUNABLES'),
+        cpu_tuning.huge_pages_state(), flush=True)
+if __name__ == '__main__':
+  print('start', os.getpid(), flush=True)
+  cli.run(main)
+'''
+
+
+def test_a_script_restarts_once_with_huge_pages_and_keeps_its_arguments(tmp_path):
+  script = tmp_path / 'script.py'
+  script.write_text(_SCRIPT)
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('GLIBC_TUNABLES', cpu_tuning.HUGE_PAGES_ENV)}
+  env['PYTHONPATH'] = REPO_ROOT
+  applies = cpu_tuning.huge_pages_reason(env) == ''
+
+  def run(extra):
+    out = subprocess.run([sys.executable, '-X', 'utf8', str(script), '--x=7'],
+                         env=dict(env, **extra), capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    return [line.split(' ', 5) for line in out.strip().splitlines()]
+
+  lines = run({})
+  starts = [l for l in lines if l[0] == 'start']
+  (main,) = [l for l in lines if l[0] == 'main']
+  assert all(l[1] == main[1] for l in starts)  # one process id: exec, not a child
+  assert main[2:4] == ['7', '1']  # flags and interpreter options survive the restart
+  if applies:
+    assert len(starts) == 2
+    assert main[4] == cpu_tuning.HUGE_PAGES_TUNABLE and main[5].startswith('on')
+  else:
+    assert len(starts) == 1 and main[4] == 'None' and main[5].startswith('off')
+  # The caller's tunables are kept beside the added one.
+  lines = run({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=8'})
+  (main,) = [l for l in lines if l[0] == 'main']
+  assert main[4] == ('glibc.malloc.arena_max=8:' + cpu_tuning.HUGE_PAGES_TUNABLE if applies
+                     else 'glibc.malloc.arena_max=8')
+  # Turned off: no restart.
+  lines = run({cpu_tuning.HUGE_PAGES_ENV: '0'})
+  assert [l[0] for l in lines] == ['start', 'main'] and lines[1][4] == 'None'
+  assert lines[1][5] == f'off: {cpu_tuning.HUGE_PAGES_ENV}=0'
